@@ -1,0 +1,126 @@
+"""The `zipper` command: thin Typer verbs that parse options into a stage config and call the stage."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from . import __version__
+from .errors import ZipperError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
+                  help="zipper: speech-text models from unimodal towers zipped with gated cross-attention "
+                       "(arXiv 2405.18669). Stages: tokenize -> pretrain -> fuse -> decode -> eval.")
+
+RunDir = typer.Option(Path("runs/demo"), "--run-dir", help="The run directory every stage reads and writes.")
+Force = typer.Option(False, "--force", help="Redo a finished stage even when its config differs.")
+
+
+def _version(value: bool):
+    if value:
+        typer.echo(f"zipper {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version.")):
+    pass
+
+
+@app.command()
+def tokenize(
+    run_dir: Path = RunDir,
+    corpus: List[str] = typer.Option(["demo"], "--corpus", help="demo | english | librispeech:DIR | kaldi:DIR@ROLE | "
+                                     "manifest:FILE.jsonl[@ROLE]; repeat to combine."),
+    n_text: Optional[int] = typer.Option(None, help="Built-in corpora: text-only sentences."),
+    n_speech: Optional[int] = typer.Option(None, help="Built-in corpora: audio-only utterances."),
+    n_aligned: Optional[int] = typer.Option(None, help="Built-in corpora: aligned (audio, transcript) pairs."),
+    n_dev: Optional[int] = typer.Option(None, help="Built-in corpora: dev pairs."),
+    n_test: Optional[int] = typer.Option(None, help="Built-in corpora: test pairs."),
+    corpus_seed: int = typer.Option(0, help="Built-in corpora: seed for sentences and voices."),
+    voices: str = typer.Option("default", help="Built-in corpora: voice mix, e.g. 'kal,slt,kal@0.9,espeak:en-us'."),
+    subset_role: List[str] = typer.Option([], "--subset-role", help="LibriSpeech subset to role, NAME=ROLE; repeatable."),
+    text_file: List[str] = typer.Option([], "--text-file", help="Extra text-only data, one sentence a line."),
+    min_seconds: float = typer.Option(0.3, help="Reject shorter audio."),
+    max_seconds: float = typer.Option(30.0, help="Reject longer audio."),
+    max_text_words: int = typer.Option(100, help="Reject longer transcripts."),
+    text_vocab: int = typer.Option(1000, help="Sentencepiece vocabulary size (upper bound)."),
+    text_model: str = typer.Option("unigram", help="Sentencepiece model: unigram | bpe | char | word."),
+    speech_tokenizer: str = typer.Option("mel-kmeans", help="mel-kmeans | ssl-kmeans | encodec."),
+    units: int = typer.Option(512, help="Number of k-means speech units."),
+    frame_rate: int = typer.Option(25, help="mel-kmeans unit rate in Hz: 25, 50 or 100."),
+    dedup: bool = typer.Option(False, "--dedup", help="Collapse repeated units (loses durations)."),
+    ssl_arch: str = typer.Option("hubert_base", help="ssl-kmeans: torchaudio model, e.g. hubert_base, wavlm_base."),
+    ssl_layer: int = typer.Option(6, help="ssl-kmeans: transformer layer whose output is clustered."),
+    ssl_checkpoint: Optional[Path] = typer.Option(None, help="ssl-kmeans: local state_dict of that model."),
+    codec_checkpoint: Optional[Path] = typer.Option(None, help="encodec: local state_dict of the 24 kHz model."),
+    seed: int = typer.Option(0, help="Seed for the tokenizers (k-means, sentencepiece)."),
+    max_fit_frames: int = typer.Option(200_000, help="Frames sampled to fit k-means."),
+    shard_size: int = typer.Option(2000, help="Utterances per token shard."),
+    workers: int = typer.Option(1, help="Worker processes for audio."),
+    cache_dir: Optional[Path] = typer.Option(None, help="Cache of built-in corpora (default $ZIPPER_CACHE or ~/.cache/zipper)."),
+    force: bool = Force,
+):
+    """Audio -> speech units, text -> sentencepiece; manifests, token shards and a rejects list."""
+    from .audio import AudioLimits
+    from .speech_tokenizer import SpeechTokenizerConfig
+    from .stages.tokenize import TokenizeConfig, tokenize as run
+    from .text_tokenizer import TextTokenizerConfig
+
+    cfg = TokenizeConfig(
+        corpus=tuple(corpus), n_text=n_text, n_speech=n_speech, n_aligned=n_aligned, n_dev=n_dev, n_test=n_test,
+        corpus_seed=corpus_seed, voices=voices, subset_roles=tuple(subset_role), text_files=tuple(text_file),
+        limits=AudioLimits(min_seconds=min_seconds, max_seconds=max_seconds), max_text_words=max_text_words,
+        text=TextTokenizerConfig(vocab_size=text_vocab, model_type=text_model, seed=seed),
+        speech=SpeechTokenizerConfig(kind=speech_tokenizer, k=units, frame_rate=frame_rate, dedup=dedup, seed=seed,
+                                     max_fit_frames=max_fit_frames, ssl_arch=ssl_arch, ssl_layer=ssl_layer,
+                                     ssl_checkpoint=str(ssl_checkpoint) if ssl_checkpoint else None,
+                                     codec_checkpoint=str(codec_checkpoint) if codec_checkpoint else None),
+        shard_size=shard_size, workers=workers, cache_dir=str(cache_dir) if cache_dir else None)
+    run(run_dir, cfg, force=force)
+
+
+def _not_built(verb: str, issue: str):
+    raise ZipperError(f"`zipper {verb}` is not built yet ({issue}); nothing was run")
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def pretrain(ctx: typer.Context):
+    """Pretrain a unimodal tower (text or speech) on its token shards."""
+    _not_built("pretrain", "see the issue 'Decoder towers and zipper pretrain'")
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def fuse(ctx: typer.Context):
+    """Zip two towers with gated cross-attention (or train the single-decoder baseline)."""
+    _not_built("fuse", "see the issue 'Zipping towers: zipper fuse'")
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def decode(ctx: typer.Context):
+    """Generate modality sequences: [text] for ASR, [speech] for TTS, [text, speech] ..."""
+    _not_built("decode", "see the issue 'zipper decode'")
+
+
+@app.command(name="eval", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def eval_(ctx: typer.Context):
+    """ASR WER/CER, TTS WER through a vocoder and an ASR judge, text perplexity, reports."""
+    _not_built("eval", "see the issue 'zipper eval'")
+
+
+def main() -> None:
+    try:
+        app()
+    except ZipperError as e:
+        typer.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        typer.echo("interrupted; rerun the same command to resume", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Stages: one plain function per CLI verb, callable without the CLI."""
