@@ -34,6 +34,10 @@ def write_wav(path: Path, seconds: float = 1.0, sr: int = 16000, seed: int = 0, 
 
 @pytest.fixture
 def small_manifest(tmp_path: Path) -> Path:
+    return make_small_manifest(tmp_path)
+
+
+def make_small_manifest(tmp_path: Path) -> Path:
     """A good manifest corpus: 12 speech, 10 aligned, 4 dev, 4 test utterances and 40 text lines."""
     audio = tmp_path / "audio"
     words = "zero one two three four five six seven eight nine".split()
@@ -43,10 +47,10 @@ def small_manifest(tmp_path: Path) -> Path:
         for i in range(n):
             uid = f"{role}-{i:03d}"
             write_wav(audio / f"{uid}.wav", seconds=0.8 + 0.1 * (i % 5), seed=hash(uid) % 1000)
-            text = " ".join(rng.choice(words, size=3 + i % 4)) + f" {role} {i}"
+            text = "dial " + " ".join(rng.choice(words, size=3 + i % 4)) + f" please {i}"
             rows.append({"id": uid, "role": role, "audio": f"audio/{uid}.wav", "text": None if role == "speech" else text})
     for i in range(40):
-        rows.append({"id": f"text-{i:03d}", "role": "text", "text": " ".join(rng.choice(words, size=5)) + f" line {i}"})
+        rows.append({"id": f"text-{i:03d}", "role": "text", "text": "dial " + " ".join(rng.choice(words, size=5)) + f" please {i}"})
     path = tmp_path / "corpus.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path

@@ -9,7 +9,7 @@ from typing import List, Optional
 import typer
 
 from . import __version__
-from .errors import ZipperError
+from .errors import Interrupted, ZipperError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="zipper: speech-text models from unimodal towers zipped with gated cross-attention "
@@ -87,10 +87,55 @@ def _not_built(verb: str, issue: str):
     raise ZipperError(f"`zipper {verb}` is not built yet ({issue}); nothing was run")
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def pretrain(ctx: typer.Context):
-    """Pretrain a unimodal tower (text or speech) on its token shards."""
-    _not_built("pretrain", "see the issue 'Decoder towers and zipper pretrain'")
+# Optimisation options shared by pretrain and fuse.
+Steps = typer.Option(1000, "--steps", help="Optimizer steps.")
+Lr = typer.Option(1e-3, "--lr", help="Peak learning rate (warmup, then cosine decay to 10%).")
+Warmup = typer.Option(50, "--warmup", help="Warmup steps.")
+GradClip = typer.Option(1.0, "--grad-clip", help="Gradient-norm clip (0 disables).")
+GradAccum = typer.Option(1, "--grad-accum", help="Batches per optimizer step.")
+MaxTokens = typer.Option(4096, "--max-tokens", help="Padded tokens per batch, across all processes.")
+EvalEvery = typer.Option(100, "--eval-every", help="Steps between dev-loss evaluations.")
+CkptEvery = typer.Option(100, "--ckpt-every", help="Steps between checkpoints.")
+KeepLast = typer.Option(2, "--keep-last", help="Checkpoints kept besides the best.")
+Seed = typer.Option(0, "--seed", help="Seed for initialisation, data order and dropout.")
+Precision = typer.Option("auto", "--precision", help="auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16.")
+Device = typer.Option("auto", "--device", help="auto | cpu | cuda.")
+
+
+def _train_config(steps, lr, warmup, grad_clip, grad_accum, max_tokens, eval_every, ckpt_every, keep_last, seed,
+                  precision, device):
+    from .trainer import TrainConfig
+
+    return TrainConfig(max_steps=steps, lr=lr, warmup_steps=warmup, grad_clip=grad_clip, grad_accum=grad_accum,
+                       max_tokens=max_tokens, eval_every=eval_every, ckpt_every=ckpt_every, keep_last=keep_last,
+                       seed=seed, precision=precision, device=device)
+
+
+@app.command()
+def pretrain(
+    run_dir: Path = RunDir,
+    tower: str = typer.Option(..., "--tower", help="text | speech."),
+    size: str = typer.Option("demo", "--size", help="Tower preset: tiny | demo | S | L."),
+    n_layer: Optional[int] = typer.Option(None, help="Override the preset's depth."),
+    n_embd: Optional[int] = typer.Option(None, help="Override the preset's width."),
+    n_head: Optional[int] = typer.Option(None, help="Override the preset's heads."),
+    max_seq_len: Optional[int] = typer.Option(None, help="Longer sequences are cut into windows."),
+    dropout: float = typer.Option(0.0, help="Dropout."),
+    pool_aligned: bool = typer.Option(True, "--pool-aligned/--no-pool-aligned",
+                                      help="Also train on the aligned role's text (or audio) alone."),
+    steps: int = Steps, lr: float = Lr, warmup: int = Warmup, grad_clip: float = GradClip, grad_accum: int = GradAccum,
+    max_tokens: int = MaxTokens, eval_every: int = EvalEvery, ckpt_every: int = CkptEvery, keep_last: int = KeepLast,
+    seed: int = Seed, precision: str = Precision, device: str = Device,
+    force: bool = Force,
+):
+    """Pretrain a unimodal tower (text or speech) on its token shards; rerun to resume."""
+    from .stages.pretrain import PretrainConfig, pretrain as run
+
+    cfg = PretrainConfig(tower=tower, size=size, n_layer=n_layer, n_embd=n_embd, n_head=n_head, max_seq_len=max_seq_len,
+                         dropout=dropout, pool_aligned=pool_aligned,
+                         train=_train_config(steps, lr, warmup, grad_clip, grad_accum, max_tokens, eval_every,
+                                             ckpt_every, keep_last, seed, precision, device))
+    run(run_dir, cfg, force=force)
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
@@ -117,8 +162,8 @@ def main() -> None:
     except ZipperError as e:
         typer.echo(f"error: {e}", err=True)
         sys.exit(2)
-    except KeyboardInterrupt:
-        typer.echo("interrupted; rerun the same command to resume", err=True)
+    except Interrupted as e:
+        typer.echo(f"interrupted: {e}", err=True)
         sys.exit(130)
 
 

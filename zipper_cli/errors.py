@@ -3,3 +3,7 @@
 
 class ZipperError(Exception):
     """A user-facing error: the message names the file or flag and the problem, on one line."""
+
+
+class Interrupted(Exception):
+    """A stage stopped by SIGTERM or Ctrl-C after saving its state; rerunning the command resumes."""

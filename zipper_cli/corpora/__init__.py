@@ -1,0 +1,1 @@
+"""Built-in corpora, synthesized offline: `demo` and `english` (see builtin.py)."""

@@ -1,0 +1,337 @@
+"""The training loop shared by `pretrain` and `fuse`: AdamW, warmup + cosine, clipping, accumulation,
+token-budget batches, periodic dev loss, atomic checkpoints with exact resume, SIGTERM/Ctrl-C saves,
+a stop on non-finite loss, DistributedDataParallel under torchrun, metrics.jsonl and a loss plot.
+
+Exact resume: a checkpoint holds the model, the optimizer, the RNG state and the data position
+(epoch, batch); the learning rate is a pure function of the step. Batches are a pure function of
+(seed, epoch), so four steps == two steps + resume + two steps, bitwise on CPU.
+
+Data parallelism: every rank builds the same global batches; rank r trains on sequences r, r+W, ...
+of each, and scales its loss so DDP's gradient average equals the gradient of the global token-mean
+loss. One process with the same global batch computes the same update (up to float summation order).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+import torch.distributed as dist
+
+from .atomic import write_jsonl
+from .batching import make_batches
+from .checkpoint import latest_checkpoint, save_checkpoint
+from .console import log as console_log, progress
+from .errors import Interrupted, ZipperError
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation settings shared by pretrain and fuse."""
+
+    max_steps: int = 1000
+    """--steps: optimizer steps in total."""
+    lr: float = 1e-3
+    """--lr: peak learning rate."""
+    min_lr_ratio: float = 0.1
+    """The cosine decays to lr * min_lr_ratio at max_steps."""
+    warmup_steps: int = 50
+    """--warmup: linear warmup steps."""
+    weight_decay: float = 0.1
+    """AdamW weight decay on matrices (not on norms, biases or gates)."""
+    beta1: float = 0.9
+    beta2: float = 0.99
+    """Adam betas (the paper uses 0.9, 0.99)."""
+    grad_clip: float = 1.0
+    """--grad-clip: global gradient-norm clip (0 disables)."""
+    grad_accum: int = 1
+    """--grad-accum: batches per optimizer step."""
+    max_tokens: int = 4096
+    """--max-tokens: padded tokens per batch, across all ranks (the global batch)."""
+    eval_every: int = 100
+    """--eval-every: steps between dev-loss evaluations (and log lines)."""
+    ckpt_every: int = 100
+    """--ckpt-every: steps between checkpoints."""
+    keep_last: int = 2
+    """--keep-last: checkpoints kept besides the best one."""
+    seed: int = 0
+    """--seed: model initialisation, data order, dropout."""
+    precision: str = "auto"
+    """--precision: auto (bf16 autocast on CUDA, fp32 on CPU), fp32, or bf16 (autocast on CPU too)."""
+    device: str = "auto"
+    """--device: auto (CUDA when present), cpu or cuda."""
+
+    def validate(self) -> None:
+        checks = [(self.max_steps >= 1, f"--steps must be >= 1 (got {self.max_steps})"),
+                  (self.lr > 0, f"--lr must be > 0 (got {self.lr})"),
+                  (self.warmup_steps >= 0, f"--warmup must be >= 0 (got {self.warmup_steps})"),
+                  (self.grad_accum >= 1, f"--grad-accum must be >= 1 (got {self.grad_accum})"),
+                  (self.max_tokens >= 8, f"--max-tokens must be >= 8 (got {self.max_tokens})"),
+                  (self.eval_every >= 1, f"--eval-every must be >= 1 (got {self.eval_every})"),
+                  (self.ckpt_every >= 1, f"--ckpt-every must be >= 1 (got {self.ckpt_every})"),
+                  (self.keep_last >= 1, f"--keep-last must be >= 1 (got {self.keep_last})"),
+                  (self.grad_clip >= 0, f"--grad-clip must be >= 0 (got {self.grad_clip})"),
+                  (self.precision in ("auto", "fp32", "bf16"), f"--precision must be auto, fp32 or bf16 (got {self.precision!r})"),
+                  (self.device in ("auto", "cpu", "cuda"), f"--device must be auto, cpu or cuda (got {self.device!r})")]
+        for ok, msg in checks:
+            if not ok:
+                raise ZipperError(msg)
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise ZipperError("--device cuda: no CUDA device is available")
+
+
+def lr_at(cfg: TrainConfig, step: int) -> float:
+    """Linear warmup to cfg.lr, then cosine decay to cfg.lr * min_lr_ratio at max_steps."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress_ = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress_)))
+
+
+# ---------------------------------------------------------------------------------------------- distributed
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: str) -> Dist:
+    """Join torchrun's process group when launched by it (gloo on CPU, nccl on CUDA)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Dist()
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device == "cuda" else "gloo")
+    d = Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+    if device == "cuda":
+        torch.cuda.set_device(d.local_rank)
+    return d
+
+
+def resolve_device(cfg: TrainConfig) -> str:
+    if cfg.device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return cfg.device
+
+
+def autocast_for(cfg: TrainConfig, device: str):
+    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device == "cuda")
+    return torch.autocast(device, dtype=torch.bfloat16) if bf16 else nullcontext()
+
+
+def _all_sum(x: torch.Tensor, d: Dist) -> torch.Tensor:
+    if d.world > 1:
+        dist.all_reduce(x, op=dist.ReduceOp.SUM)
+    return x
+
+
+# ---------------------------------------------------------------------------------------------- the loop
+
+
+LossFn = Callable[[torch.nn.Module, list, str], tuple[torch.Tensor, int]]
+"""loss_fn(model, examples, device) -> (sum of token losses, number of target tokens)."""
+
+
+class _Stop:
+    """Set by SIGTERM / SIGINT; the loop saves a checkpoint after the current step and exits."""
+
+    def __init__(self):
+        self.signum = None
+
+    def __call__(self, signum, frame):
+        self.signum = signum
+
+
+def optimizer_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Decay matrices only; frozen parameters are never handed to the optimizer."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+
+
+def train(out_dir: Path, model: torch.nn.Module, train_examples: Sequence, dev_examples: Sequence,
+          lengths: list[int], loss_fn: LossFn, cfg: TrainConfig, log=console_log,
+          extra_metrics: Callable[[torch.nn.Module], dict] | None = None) -> dict:
+    """Train `model` in place, checkpointing under out_dir/ckpt; returns the final summary.
+
+    `lengths[i]` is the padded-cost length of train_examples[i] (for the token budget).
+    """
+    cfg.validate()
+    device = resolve_device(cfg)
+    d = init_distributed(device)
+    out_dir = Path(out_dir)
+    ckpt_dir = out_dir / "ckpt"
+    model.to(device)
+    opt = torch.optim.AdamW(optimizer_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                            fused=False, foreach=False)  # the plain loop: bitwise reproducible on CPU
+    ddp = model
+    if d.world > 1:
+        ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[d.local_rank] if device == "cuda" else None)
+
+    step, epoch, batch_pos = 0, 0, 0
+    resumed = latest_checkpoint(ckpt_dir, log=log)
+    if resumed is not None:
+        step, state = resumed
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        epoch, batch_pos = int(state["epoch"]), int(state["batch_pos"])
+        rng = state["rng_cpu"]
+        torch.set_rng_state(rng[d.rank % rng.shape[0]] if rng.dim() > 1 else rng)
+        if device == "cuda" and "rng_cuda" in state:
+            torch.cuda.set_rng_state(state["rng_cuda"])
+        if d.main:
+            log(f"resuming from {ckpt_dir} at step {step}")
+        _truncate_metrics(out_dir / "metrics.jsonl", step)
+    else:
+        torch.manual_seed(cfg.seed + d.rank)  # dropout differs per rank, as each sees other data
+
+    stop = _Stop()
+    old_handlers = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
+    metrics_path = out_dir / "metrics.jsonl"
+    batches = make_batches(lengths, cfg.max_tokens, cfg.seed, epoch)
+    if not batches:
+        raise ZipperError("no training examples")
+    last_dev = None
+    t_start, tokens_seen = time.time(), 0
+    try:
+        with progress() as bar:
+            task = bar.add_task("train", total=cfg.max_steps, completed=step) if d.main else None
+            while step < cfg.max_steps:
+                # The step's batches, advancing epochs as they run out.
+                step_batches = []
+                while len(step_batches) < cfg.grad_accum:
+                    if batch_pos >= len(batches):
+                        epoch, batch_pos = epoch + 1, 0
+                        batches = make_batches(lengths, cfg.max_tokens, cfg.seed, epoch)
+                    step_batches.append(batches[batch_pos])
+                    batch_pos += 1
+                for group in opt.param_groups:
+                    group["lr"] = lr_at(cfg, step)
+                model.train()
+                t0 = time.time()
+                n_total = sum(_count_targets(train_examples, b, loss_fn) for b in step_batches)
+                loss_sum = torch.zeros((), device=device)
+                for i, batch in enumerate(step_batches):
+                    local = batch[d.rank::d.world]
+                    weight = 1.0
+                    if not local:  # fewer sequences than ranks: take part in the all-reduce with zero weight
+                        local, weight = batch[:1], 0.0
+                    sync = i == len(step_batches) - 1 or d.world == 1
+                    with (nullcontext() if sync else ddp.no_sync()), autocast_for(cfg, device):
+                        s, _ = loss_fn(ddp, [train_examples[j] for j in local], device)
+                        s = s.float() * weight
+                    (s * d.world / n_total).backward()
+                    loss_sum += s.detach()
+                loss = (_all_sum(loss_sum, d) / n_total).item()
+                if not math.isfinite(loss):
+                    opt.zero_grad(set_to_none=True)
+                    last = latest_checkpoint(ckpt_dir, log=lambda *_: None)
+                    kept = f"the last good checkpoint (step {last[0]}) is kept in {ckpt_dir}" if last else "no checkpoint was written"
+                    raise ZipperError(f"non-finite training loss ({loss}) at step {step + 1}; stopped before the update; "
+                                      f"{kept}; try a lower --lr")
+                gnorm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
+                                                       cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                step += 1
+                tokens_seen += n_total
+                dt = max(time.time() - t0, 1e-9)
+                row = {"step": step, "loss": round(loss, 6), "lr": lr_at(cfg, step - 1), "grad_norm": round(float(gnorm), 4),
+                       "tokens": n_total, "tokens_per_s": round(n_total / dt, 1), "elapsed": round(time.time() - t_start, 2)}
+                if step % cfg.eval_every == 0 or step == cfg.max_steps:
+                    last_dev = evaluate(ddp if d.world > 1 else model, dev_examples, loss_fn, cfg, device, d)
+                    if last_dev is not None:
+                        row["dev_loss"] = round(last_dev, 6)
+                        row["dev_ppl"] = round(math.exp(min(last_dev, 50)), 4)
+                    if extra_metrics is not None:
+                        row.update(extra_metrics(model))
+                    if d.main:
+                        rate = tokens_seen / max(time.time() - t_start, 1e-9)
+                        eta = (cfg.max_steps - step) * (time.time() - t_start) / max(1, step - (resumed[0] if resumed else 0))
+                        dev_txt = f" dev {last_dev:.4f} (ppl {math.exp(min(last_dev, 50)):.2f})" if last_dev is not None else ""
+                        log(f"step {step}/{cfg.max_steps} loss {loss:.4f}{dev_txt} lr {row['lr']:.2e} "
+                            f"{rate:,.0f} tok/s eta {eta:,.0f}s")
+                if d.main:
+                    _append(metrics_path, row)
+                    bar.update(task, completed=step, description=f"step {step} loss {loss:.3f} {row['tokens_per_s']:,.0f} tok/s")
+                stop_now = torch.tensor(float(stop.signum is not None))
+                if d.world > 1:
+                    dist.all_reduce(stop_now, op=dist.ReduceOp.MAX)
+                if step % cfg.ckpt_every == 0 or step == cfg.max_steps or stop_now.item():
+                    _save(ckpt_dir, model, opt, step, epoch, batch_pos, last_dev, cfg, device, d)
+                if stop_now.item() and step < cfg.max_steps:
+                    raise Interrupted(f"stopped by signal at step {step}; checkpoint saved in {ckpt_dir}; "
+                                            "rerun the same command to resume")
+    finally:
+        for s, h in old_handlers.items():
+            signal.signal(s, h)
+    return {"steps": step, "final_loss": loss, "dev_loss": last_dev,
+            "dev_ppl": math.exp(min(last_dev, 50)) if last_dev is not None else None}
+
+
+def _count_targets(examples: Sequence, batch: list[int], loss_fn) -> int:
+    count = getattr(loss_fn, "count_targets", None)
+    return sum(count(examples[j]) for j in batch) if count else sum(len(examples[j]) - 1 for j in batch)
+
+
+@torch.no_grad()
+def evaluate(model, examples: Sequence, loss_fn: LossFn, cfg: TrainConfig, device: str, d: Dist = Dist()) -> float | None:
+    """Token-weighted mean loss over `examples`, split across ranks."""
+    if not examples:
+        return None
+    model.eval()
+    lengths = [len(e) if hasattr(e, "__len__") else 1 for e in examples]
+    total = torch.zeros(2, dtype=torch.float64, device=device)
+    mine = list(range(d.rank, len(examples), d.world))
+    for batch in make_batches([lengths[i] for i in mine], cfg.max_tokens, 0, 0, shuffle=False):
+        with autocast_for(cfg, device):
+            s, n = loss_fn(model.module if hasattr(model, "module") else model, [examples[mine[j]] for j in batch], device)
+        total[0] += s.double()
+        total[1] += n
+    total = _all_sum(total, d)
+    model.train()
+    return (total[0] / total[1]).item()
+
+
+def _save(ckpt_dir, model, opt, step, epoch, batch_pos, dev_loss, cfg, device, d: Dist) -> None:
+    rng = torch.get_rng_state()
+    if d.world > 1:  # every rank's dropout RNG, so a resumed DDP run continues exactly too
+        gathered = [None] * d.world
+        dist.all_gather_object(gathered, rng)
+        rng = torch.stack(gathered)
+    if d.main:
+        state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step, "epoch": epoch,
+                 "batch_pos": batch_pos, "rng_cpu": rng}
+        if device == "cuda":
+            state["rng_cuda"] = torch.cuda.get_rng_state()
+        save_checkpoint(ckpt_dir, step, state, dev_loss, cfg.keep_last)
+    if d.world > 1:
+        dist.barrier()
+
+
+def _append(path: Path, row: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """On resume, drop metric rows logged after the checkpoint so the log matches the run."""
+    if path.exists():
+        rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+        write_jsonl(path, [r for r in rows if r.get("step", 0) <= step])
