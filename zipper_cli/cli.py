@@ -138,10 +138,34 @@ def pretrain(
     run(run_dir, cfg, force=force)
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def fuse(ctx: typer.Context):
-    """Zip two towers with gated cross-attention (or train the single-decoder baseline)."""
-    _not_built("fuse", "see the issue 'Zipping towers: zipper fuse'")
+@app.command()
+def fuse(
+    run_dir: Path = RunDir,
+    arch: str = typer.Option("zipper", "--arch", help="zipper | single-decoder (the paper's baseline)."),
+    tag: Optional[str] = typer.Option(None, "--tag", help="Name under fused/ (default from arch, freeze, data size)."),
+    freeze: str = typer.Option("text", "--freeze", help="text | speech | none (zipper only)."),
+    aligned_fraction: Optional[float] = typer.Option(None, help="Fraction of the aligned role (nested subsets)."),
+    aligned_count: Optional[int] = typer.Option(None, help="Or this many aligned utterances."),
+    subset_seed: int = typer.Option(0, help="Seed of the aligned subsets' ranking."),
+    task_mix: str = typer.Option("1:1.26", help="ASR:TTS examples."),
+    n_cross: Optional[int] = typer.Option(None, help="Cross-attention points per tower (default 4)."),
+    input_proj: str = typer.Option("text,speech", help="Towers with input projections, or 'none'."),
+    proj_layers: int = typer.Option(3, help="Depth of the ReLU MLPs."),
+    dropout: float = typer.Option(0.0, help="Dropout in the fusion blocks."),
+    steps: int = Steps, lr: float = Lr, warmup: int = Warmup, grad_clip: float = GradClip, grad_accum: int = GradAccum,
+    max_tokens: int = MaxTokens, eval_every: int = EvalEvery, ckpt_every: int = CkptEvery, keep_last: int = KeepLast,
+    seed: int = Seed, precision: str = Precision, device: str = Device,
+    force: bool = Force,
+):
+    """Zip two towers with gated cross-attention (or train the single-decoder baseline) on aligned data."""
+    from .stages.fuse import FuseConfig, fuse as run
+
+    cfg = FuseConfig(arch=arch, tag=tag, freeze=freeze, aligned_fraction=aligned_fraction, aligned_count=aligned_count,
+                     subset_seed=subset_seed, task_mix=task_mix, n_cross=n_cross, input_proj=input_proj,
+                     proj_layers=proj_layers, dropout=dropout,
+                     train=_train_config(steps, lr, warmup, grad_clip, grad_accum, max_tokens, eval_every,
+                                         ckpt_every, keep_last, seed, precision, device))
+    run(run_dir, cfg, force=force)
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})

@@ -1,0 +1,127 @@
+"""`zipper fuse`: the aligned subsets and task mix, both architectures end to end on a tiny run,
+the frozen tower kept bitwise, and the errors a user can meet."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import make_small_manifest
+from zipper_cli.checkpoint import load_checkpoint
+from zipper_cli.errors import ZipperError
+from zipper_cli.fusion_data import ASR, TTS, Example, make_examples, nested_subset, parse_task_mix, tower_batch
+from zipper_cli.speech_tokenizer import SpeechTokenizerConfig
+from zipper_cli.stages.fuse import FuseConfig, fuse, load_fused
+from zipper_cli.stages.pretrain import PretrainConfig, load_tower, pretrain
+from zipper_cli.stages.tokenize import TokenizeConfig, tokenize
+from zipper_cli.text_tokenizer import TextTokenizerConfig
+from zipper_cli.trainer import TrainConfig
+
+
+def test_nested_subsets():
+    ids = [f"u{i}" for i in range(1000)]
+    small, big = nested_subset(ids, 0, fraction=0.01), nested_subset(ids, 0, fraction=0.1)
+    assert len(small) == 10 and len(big) == 100 and set(small) <= set(big)
+    assert nested_subset(list(reversed(ids)), 0, count=10) == small  # independent of input order
+    assert nested_subset(ids, 1, count=10) != small
+    with pytest.raises(ZipperError, match=r"--aligned-fraction must be in \(0, 1\] \(got 1.5\)"):
+        nested_subset(ids, 0, fraction=1.5)
+    with pytest.raises(ZipperError, match="--aligned-count must be between 1 and 1000"):
+        nested_subset(ids, 0, count=0)
+
+
+def test_task_mix_and_tower_batches():
+    utts = [{"id": f"u{i}", "text": np.arange(3) + 5, "speech": np.arange(4)} for i in range(100)]
+    ex = make_examples(utts, parse_task_mix("1:1.26"), seed=0)
+    assert sum(e.task == TTS for e in ex) == 100 and sum(e.task == ASR for e in ex) == 79
+    with pytest.raises(ZipperError, match="--task-mix must look like ASR:TTS"):
+        parse_task_mix("half")
+    asr = Example(ASR, np.array([7, 8]), np.array([0, 1, 2]), "a")
+    tts = Example(TTS, np.array([7, 8]), np.array([0, 1, 2]), "b")
+    tok, valid, order, tgt = tower_batch([asr, tts], "text")
+    # ASR: text is the output, teacher-forced, after all 5 speech tokens; TTS: text read whole, first.
+    assert tok.tolist() == [[2, 7, 8, 0], [2, 7, 8, 3]] and tgt.tolist() == [[7, 8, 3, -100], [-100] * 4]
+    assert order[0, :3].tolist() == [5, 6, 7] and order[1].tolist() == [0, 1, 2, 3]
+    assert valid.tolist() == [[True, True, True, False], [True] * 4]
+    tok, valid, order, tgt = tower_batch([asr, tts], "speech")
+    assert tok.tolist() == [[1, 3, 4, 5, 2], [1, 3, 4, 5, 0]] and order[1, :4].tolist() == [4, 5, 6, 7]
+    assert tgt.tolist() == [[-100] * 5, [3, 4, 5, 2, -100]]
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fuse")
+    run = root / "run"
+    tokenize(run, TokenizeConfig(corpus=(f"manifest:{make_small_manifest(root)}",),
+                                 text=TextTokenizerConfig(vocab_size=40), speech=SpeechTokenizerConfig(k=16)))
+    for tower in ("text", "speech"):
+        pretrain(run, PretrainConfig(tower=tower, size="tiny", train=TrainConfig(
+            max_steps=10, lr=3e-3, warmup_steps=1, max_tokens=256, eval_every=10, ckpt_every=10)))
+    return run
+
+
+def small_fuse(**kw) -> FuseConfig:
+    train = TrainConfig(max_steps=30, lr=3e-3, warmup_steps=2, max_tokens=512, eval_every=15, ckpt_every=15)
+    return FuseConfig(**({"train": train} | kw))
+
+
+def test_zipper_and_baseline_train_and_frozen_text_tower_is_kept(pretrained, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(pretrained, run)
+    z = fuse(run, small_fuse())
+    assert z["trainable_params"] < z["params"]
+    for task in ("asr", "tts"):
+        assert z["final"][f"dev_{task}_loss"] < z["initial"][f"dev_{task}_loss"]
+    # The frozen text tower inside the fused checkpoint is bitwise the pretrained one ...
+    fused = load_checkpoint(run / "fused" / "zipper-freeze-text" / "model.pt")
+    tower = load_checkpoint(run / "towers" / "text" / "model.pt")
+    assert all(torch.equal(fused[f"towers.text.{k}"], v) for k, v in tower.items())
+    # ... so text-only logits through the fused model equal the pretrained tower's.
+    model, meta = load_fused(run / "fused" / "zipper-freeze-text")
+    alone, _ = load_tower(run / "towers" / "text")
+    x = torch.randint(4, 30, (3, 9))
+    assert torch.equal(model.unimodal_logits("text", x), alone(x))
+    assert meta["arch"] == "zipper" and (run / "fused" / "zipper-freeze-text" / "gates.png").exists()
+    gates = [v for k, v in json.loads((run / "stages" / "fuse-zipper-freeze-text.done.json").read_text())
+             ["outputs"]["final"].items() if k.startswith("gate/")]
+    assert gates and any(g != 0 for g in gates)
+
+    sd = fuse(run, small_fuse(arch="single-decoder", freeze="none"))
+    assert sd["trainable_params"] == sd["params"]
+    for task in ("asr", "tts"):
+        assert sd["final"][f"dev_{task}_loss"] < sd["initial"][f"dev_{task}_loss"]
+    model, meta = load_fused(run / "fused" / "single-decoder")
+    assert meta["arch"] == "single-decoder"
+
+
+def test_fuse_errors(pretrained, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(pretrained, run, ignore=shutil.ignore_patterns("pretrain-speech.done.json"))
+    with pytest.raises(ZipperError, match=r"zipper fuse needs stage 'pretrain-speech' finished in .*; run `zipper pretrain` first"):
+        fuse(run, small_fuse())
+    with pytest.raises(ZipperError, match="--arch single-decoder trains all parameters"):
+        fuse(run, small_fuse(arch="single-decoder"))
+    with pytest.raises(ZipperError, match="--freeze must be text, speech or none"):
+        fuse(run, small_fuse(freeze="both"))
+
+
+def test_aligned_subset_tag_and_resume(pretrained, tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    for run in (a, b):
+        shutil.copytree(pretrained, run)
+    cfg = small_fuse(aligned_count=5, freeze="none", train=TrainConfig(max_steps=4, lr=3e-3, warmup_steps=1,
+                                                                       max_tokens=256, eval_every=2, ckpt_every=2))
+    fuse(a, cfg)
+    fuse(b, cfg)
+    out = b / "fused" / "zipper-freeze-none-n5"
+    for p in list((out / "ckpt").glob("step-00000004.*")) + [out / "model.pt", b / "stages" / "fuse-zipper-freeze-none-n5.done.json"]:
+        p.unlink()
+    fuse(b, cfg)
+    wa = load_checkpoint(a / "fused" / "zipper-freeze-none-n5" / "model.pt")
+    wb = load_checkpoint(out / "model.pt")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert json.loads((out / "config.json").read_text())["aligned_utterances"] == 5

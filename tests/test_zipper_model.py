@@ -1,0 +1,331 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from zipper_cli.errors import ZipperError
+from zipper_cli.models.tower import Tower, tower_preset
+from zipper_cli.models.zipper import GatedCrossBlock, Zipper, ZipperConfig, cross_mask
+
+torch.set_num_threads(2)
+
+V_TEXT, V_SPEECH = 97, 40
+
+
+def make_towers(seed=0):
+    # Different widths and depths so the width projection g and the layer alignment are exercised.
+    torch.manual_seed(seed)
+    text = Tower(tower_preset("tiny", V_TEXT)).eval()  # 64 wide, 2 layers
+    speech = Tower(tower_preset("tiny", V_SPEECH, n_embd=48, n_layer=3)).eval()
+    return {"text": text, "speech": speech}
+
+
+def make_zipper(towers=None, **cfg):
+    cfg = {"n_cross": 2, **cfg}
+    model = Zipper.from_towers(ZipperConfig(**cfg), towers or make_towers())
+    return model.eval()
+
+
+def open_gates(model, value=0.5):
+    with torch.no_grad():
+        for blocks in model.fusion:
+            for b in blocks.values():
+                b.alpha.fill_(value)
+                b.beta.fill_(value)
+
+
+def asr_batch(B=2, Ts=7, Tt=5, seed=0):
+    """[speech][text]: speech orders 0..Ts-1, text Ts..Ts+Tt-1; all valid."""
+    g = torch.Generator().manual_seed(seed)
+    speech = torch.randint(0, V_SPEECH, (B, Ts), generator=g)
+    text = torch.randint(0, V_TEXT, (B, Tt), generator=g)
+    s_order = torch.arange(Ts).expand(B, Ts)
+    t_order = torch.arange(Ts, Ts + Tt).expand(B, Tt)
+    return {
+        "speech": (speech, torch.ones(B, Ts, dtype=torch.bool), s_order),
+        "text": (text, torch.ones(B, Tt, dtype=torch.bool), t_order),
+    }
+
+
+def tts_batch(B=2, Ts=7, Tt=5, seed=0):
+    b = asr_batch(B, Ts, Tt, seed)
+    (s, sv, _), (t, tv, _) = b["speech"], b["text"]
+    return {"text": (t, tv, torch.arange(Tt).expand(B, Tt)), "speech": (s, sv, torch.arange(Tt, Tt + Ts).expand(B, Ts))}
+
+
+# --- identity at initialisation ------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def test_init_fused_equals_towers_alone_without_input_proj():
+    towers = make_towers()
+    model = make_zipper(towers, input_proj=())
+    batch = asr_batch()
+    out = model(batch)
+    for name in ("text", "speech"):
+        assert torch.equal(out[name], towers[name](batch[name][0]))
+
+
+@torch.no_grad()
+def test_init_with_input_proj_differs_only_by_the_projection():
+    # With input projections on, h0 = ReLU(MLP(embed(x))) replaces embed(x), so the fused output is NOT
+    # the tower alone (measured: the logits differ). The gates are still zero, so the fused output is
+    # bitwise the tower's blocks and head applied to the projected embeddings: the projection is the
+    # only difference.
+    towers = make_towers()
+    model = make_zipper(towers)
+    batch = asr_batch()
+    out = model(batch)
+    for name, tower in model.towers.items():
+        tokens = batch[name][0]
+        assert not torch.allclose(out[name], towers[name](tokens))
+        x = model.input_proj[name](tower.embed(tokens))
+        assert (x >= 0).all()  # the paper's ReLU(MLP(.)) form
+        rope, _ = tower.block_inputs(tokens.shape[1])
+        for block in tower.blocks:
+            x = block(x, rope)
+        assert torch.equal(out[name], tower.head(x))
+
+
+# --- masking ------------------------------------------------------------------------------------------
+
+
+def test_cross_modal_causality_interleaved_orders():
+    # Interleaved linear order: text at 0, 3, 6, 9, 12; speech fills the gaps. Text position 2 (order 6)
+    # may see speech 0..3 (orders 1, 2, 4, 5) only, directly or through any path of blocks and fusion.
+    model = make_zipper(input_proj=("text", "speech"))
+    open_gates(model)
+    B, Tt, Ts = 1, 5, 8
+    t_order = torch.tensor([[0, 3, 6, 9, 12]])
+    s_order = torch.tensor([[1, 2, 4, 5, 7, 8, 10, 11]])
+    batch = {
+        "text": (torch.randint(0, V_TEXT, (B, Tt)), torch.ones(B, Tt, dtype=torch.bool), t_order),
+        "speech": (torch.randint(0, V_SPEECH, (B, Ts)), torch.ones(B, Ts, dtype=torch.bool), s_order),
+    }
+    emb = {}
+    hook = model.towers["speech"].wte.register_forward_hook(lambda m, i, o: emb.setdefault("s", o))
+    try:
+        for t, n_before in ((2, 4), (0, 0), (4, 8)):
+            emb.clear()
+            out = model(batch)
+            grad, = torch.autograd.grad(out["text"][0, t].logsumexp(-1), emb["s"])  # [1, Ts, 48]
+            per_pos = grad.abs().sum(-1)[0]
+            assert torch.isfinite(grad).all()
+            assert (per_pos[n_before:] == 0).all(), (t, per_pos)  # exactly zero after it
+            assert (per_pos[:n_before] > 0).all(), (t, per_pos)  # every earlier speech token matters
+    finally:
+        hook.remove()
+
+
+def test_fully_masked_rows_give_exact_zero_update_and_finite_grads():
+    torch.manual_seed(0)
+    tcfg = make_towers()
+    block = GatedCrossBlock(tcfg["text"].cfg, tcfg["speech"].cfg, n_head=4, proj_layers=3, dropout=0.0)
+    with torch.no_grad():
+        block.alpha.fill_(0.7)
+        block.beta.fill_(-0.4)
+    x = torch.randn(2, 5, 64, requires_grad=True)
+    ctx = torch.randn(2, 6, 48, requires_grad=True)
+    mask = torch.rand(2, 5, 6) > 0.5
+    mask[0, 1] = False  # one empty row
+    mask[1] = False  # a whole example with nothing to attend to
+    mask[0, 0] = True
+    y = block(x, ctx, mask)
+    empty = ~mask.any(-1)
+    assert torch.isfinite(y).all()
+    assert torch.equal(y[empty], x[empty])  # the whole fusion update is exactly zero
+    assert not torch.equal(y[~empty], x[~empty])
+    gx, gctx = torch.autograd.grad((y * torch.randn_like(y)).sum(), (x, ctx), retain_graph=True)
+    assert torch.isfinite(gx).all() and torch.isfinite(gctx).all()
+    assert (gctx[1] == 0).all()  # example 1 attends to nothing: its context gets no gradient
+    # Gradient through an empty row is the identity (residual only).
+    gx_rows, = torch.autograd.grad(y[empty].sum(), x)
+    assert torch.equal(gx_rows[empty], torch.ones_like(gx_rows[empty]))
+
+
+@torch.no_grad()
+def test_first_modality_in_linear_order_is_its_tower_alone():
+    # TTS order: text comes entirely first, so every text row is empty and (input projections off) the
+    # fused text logits are bitwise the text tower's, even with open gates; speech does change.
+    towers = make_towers()
+    model = make_zipper(towers, input_proj=())
+    open_gates(model)
+    batch = tts_batch()
+    out = model(batch)
+    assert torch.equal(out["text"], towers["text"](batch["text"][0]))
+    assert not torch.allclose(out["speech"], towers["speech"](batch["speech"][0]))
+
+
+@torch.no_grad()
+def test_padding_is_never_attended():
+    model = make_zipper()
+    open_gates(model)
+    batch = asr_batch(B=2, Ts=7, Tt=5)
+    s, sv, so = batch["speech"]
+    sv = sv.clone()
+    sv[0, 4:] = False  # example 0 has 4 real speech tokens, then padding
+    so = so.clone()
+    so[0, 4:] = 0  # padding even claims to come first: only `valid` keeps it out
+    ref = model({**batch, "speech": (s, sv, so)})
+    s2 = s.clone()
+    s2[0, 4:] = (s2[0, 4:] + 5) % V_SPEECH
+    out = model({**batch, "speech": (s2, sv, so)})
+    assert torch.equal(out["text"], ref["text"])
+    assert torch.equal(out["speech"][:, :4], ref["speech"][:, :4])
+    assert torch.equal(out["speech"][1], ref["speech"][1])
+    # Sanity: with the padding marked valid, the same change does reach the text.
+    sv_all = torch.ones_like(sv)
+    a = model({**batch, "speech": (s, sv_all, so)})["text"]
+    b = model({**batch, "speech": (s2, sv_all, so)})["text"]
+    assert not torch.equal(a, b)
+
+
+def test_cross_mask_rule():
+    order_q = torch.tensor([[0, 5, 9]])
+    order_kv = torch.tensor([[1, 4, 6, 8]])
+    valid = torch.tensor([[True, True, False, True]])
+    m = cross_mask(order_q, valid, order_kv)
+    assert m.tolist() == [[[False] * 4, [True, True, False, False], [True, True, False, True]]]
+
+
+# --- freezing and training ------------------------------------------------------------------------------
+
+
+def fused_loss(model, batch):
+    out = model(batch)
+    return sum(F.cross_entropy(out[n][:, :-1].flatten(0, 1), batch[n][0][:, 1:].flatten()) for n in out)
+
+
+def test_frozen_tower_unchanged_and_unimodal_bitwise_after_training():
+    towers = make_towers()
+    model = make_zipper(towers)
+    model.train()
+    model.freeze(["text"])
+    trainable = {id(p) for p in model.trainable_parameters()}
+    text_params = list(model.towers["text"].parameters())
+    assert not trainable & {id(p) for p in text_params}
+    assert {id(p) for p in model.input_proj.parameters()} <= trainable
+    assert {id(p) for p in model.fusion.parameters()} <= trainable
+    assert {id(p) for p in model.towers["speech"].parameters()} <= trainable
+    assert all(not p.requires_grad for p in text_params)
+
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    opt = torch.optim.AdamW(model.trainable_parameters(), lr=1e-2, weight_decay=0.1)
+    # Example 0 ASR, example 1 TTS: with only one order, the modality that comes first never attends,
+    # so its fusion blocks would (rightly) get no gradient.
+    asr, tts = asr_batch(B=1, Ts=6, Tt=4), tts_batch(B=1, Ts=6, Tt=4, seed=1)
+    batch = {n: tuple(torch.cat([a, b]) for a, b in zip(asr[n], tts[n])) for n in asr}
+    for _ in range(3):
+        opt.zero_grad()
+        fused_loss(model, batch).backward()
+        opt.step()
+    after = model.state_dict()
+    for k in before:
+        changed = not torch.equal(before[k], after[k])
+        if k.startswith("towers.text."):
+            assert not changed, k
+        elif k.startswith(("fusion.", "input_proj.", "towers.speech.")):
+            assert changed, k
+    gates = [b.alpha for blocks in model.fusion for b in blocks.values()]
+    assert all(g.item() != 0 for g in gates)
+
+    model.eval()
+    x = torch.randint(0, V_TEXT, (2, 9))
+    with torch.no_grad():
+        assert torch.equal(model.unimodal_logits("text", x), towers["text"](x))
+        # from_towers deep-copied: the caller's speech tower kept its pretrained weights
+        assert not torch.equal(model.towers["speech"].wte.weight, towers["speech"].wte.weight)
+
+
+def test_freeze_sets_exactly_the_named_towers_and_share():
+    towers = make_towers()
+    model = Zipper.from_towers(ZipperConfig(n_cross=1), towers, share=True)
+    assert model.towers["text"] is towers["text"]
+    model.freeze(["speech"])
+    model.freeze(["text"])
+    assert all(p.requires_grad for p in model.towers["speech"].parameters())
+    assert not any(p.requires_grad for p in model.towers["text"].parameters())
+    model.freeze([])
+    assert len(model.trainable_parameters()) == len(list(model.parameters()))
+    with pytest.raises(ZipperError, match="--freeze"):
+        model.freeze(["video"])
+
+
+# --- config -------------------------------------------------------------------------------------------
+
+
+def test_config_round_trip_and_validation():
+    cfg = ZipperConfig(cross_every={"text": 1, "speech": 2}, input_proj=("speech",), proj_layers=2, dropout=0.1)
+    d = cfg.to_dict()
+    assert d["towers"] == ["text", "speech"] and d["input_proj"] == ["speech"]
+    assert ZipperConfig.from_dict(d) == cfg
+    assert ZipperConfig.from_dict(ZipperConfig().to_dict()) == ZipperConfig()
+    with pytest.raises(ZipperError, match="unknown key 'n_heads'"):
+        ZipperConfig.from_dict({**d, "n_heads": 3})
+    bad = [
+        (dict(n_cross=0), "--n-cross"),
+        (dict(n_cross=2, cross_every={"text": 1, "speech": 1}), "exclusive"),
+        (dict(cross_every={"text": 1}), "--cross-every"),
+        (dict(cross_every={"text": 1, "speech": 0}), "--cross-every-speech"),
+        (dict(input_proj=("txt",)), "--input-proj"),
+        (dict(proj_layers=0), "--proj-layers"),
+        (dict(xattn_heads=-1), "--xattn-heads"),
+        (dict(dropout=1.0), "--dropout"),
+        (dict(towers=("text",)), "towers"),
+        (dict(towers=("text", "text")), "towers"),
+        (dict(towers=("a.b", "c")), "tower name"),
+    ]
+    for kwargs, flag in bad:
+        with pytest.raises(ZipperError, match=flag):
+            ZipperConfig(**kwargs).validate()
+
+
+def test_cross_points_for_different_depths():
+    pts = ZipperConfig(n_cross=2).cross_points({"text": 2, "speech": 3})
+    assert pts == {"text": [1, 2], "speech": [2, 3]}  # 1.5 rounds up
+    assert ZipperConfig().cross_points({"text": 12, "speech": 6}) == {"text": [3, 6, 9, 12], "speech": [2, 3, 5, 6]}
+    assert ZipperConfig(n_cross=1).cross_points({"text": 4, "speech": 7}) == {"text": [4], "speech": [7]}
+    every = ZipperConfig(cross_every={"text": 2, "speech": 3}).cross_points({"text": 8, "speech": 12})
+    assert every == {"text": [2, 4, 6, 8], "speech": [3, 6, 9, 12]}
+    with pytest.raises(ZipperError, match="same number"):
+        ZipperConfig(cross_every={"text": 2, "speech": 2}).cross_points({"text": 8, "speech": 12})
+    with pytest.raises(ZipperError, match="--n-cross"):
+        ZipperConfig(n_cross=3).cross_points({"text": 2, "speech": 3})
+    # The model wires the blocks accordingly: 2 points, one block per direction at each.
+    model = make_zipper()
+    assert model.points == {"text": [1, 2], "speech": [2, 3]}
+    assert [sorted(b) for b in model.fusion] == [["speech<-text", "text<-speech"]] * 2
+    g = model.fusion[0]["text<-speech"].g
+    assert g[0].in_features == 48 and g[-1].out_features == 64
+
+
+def test_bad_heads_and_batch():
+    with pytest.raises(ZipperError, match="--xattn-heads"):
+        make_zipper(xattn_heads=5)
+    model = make_zipper()
+    with pytest.raises(ZipperError, match="batch"):
+        model({"text": asr_batch()["text"]})
+
+
+@torch.no_grad()
+def test_from_configs_loads_state_dict_and_three_towers():
+    model = make_zipper()
+    open_gates(model)
+    clone = Zipper.from_configs(model.cfg, {n: t.cfg for n, t in model.towers.items()}).eval()
+    clone.load_state_dict(model.state_dict())
+    batch = asr_batch()
+    out, out2 = model(batch), clone(batch)
+    assert all(torch.equal(out[n], out2[n]) for n in out)
+
+    # Written for N towers: three towers get a block per ordered pair, and still start as the identity.
+    towers = make_towers()
+    torch.manual_seed(1)
+    towers["video"] = Tower(tower_preset("tiny", 30, n_embd=32, n_layer=2)).eval()
+    cfg = ZipperConfig(towers=("text", "speech", "video"), n_cross=2, input_proj=())
+    model = Zipper.from_towers(cfg, towers).eval()
+    assert len(model.fusion[0]) == 6 and "video<-speech" in model.fusion[1]
+    batch = {**asr_batch(Ts=7, Tt=5), "video": (torch.randint(0, 30, (2, 4)), torch.ones(2, 4, dtype=torch.bool),
+                                                 torch.arange(12, 16).expand(2, 4))}
+    out = model(batch)
+    assert all(torch.equal(out[n], towers[n](batch[n][0])) for n in towers)
+    open_gates(model)
+    assert not torch.equal(model(batch)["video"], out["video"])

@@ -1,0 +1,343 @@
+"""Zipper: decoder towers fused by gated cross-attention (arXiv 2405.18669).
+
+Each tower (text = A, speech = B) keeps its embedding, blocks and tied head. In fused use they run in
+lockstep: every tower runs its blocks up to cross point j, then each tower X attends to every other
+tower Y's hidden states at Y's cross point j (all taken before round j's updates, so fusion is
+symmetric), then they continue. The fusion block is Flamingo's gated cross-attention plus a gated
+feed-forward, gates at zero, so at initialisation each tower computes what it computed alone.
+
+Masking follows the example's linear order ([speech][text] for ASR, [text][speech] for TTS): position
+t of X attends to position s of Y iff valid_Y[s] and order_Y[s] < order_X[t]. A row with nothing to
+attend to gets no fusion update at all (cross-attention and FFW both zeroed), so the modality that comes
+first in the linear order computes exactly what its tower computes alone.
+
+Unimodal use bypasses fusion entirely: `model.towers["text"](tokens)` is the tower alone.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Iterable, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from zipper_cli.errors import ZipperError
+from zipper_cli.models.tower import RMSNorm, SwiGLU, Tower, TowerConfig
+
+DEFAULT_N_CROSS = 4
+
+
+@dataclass
+class ZipperConfig:
+    towers: tuple[str, ...] = ("text", "speech")
+    """Tower names in order (A = text, B = speech): the keys of a batch and of the output logits."""
+    n_cross: Optional[int] = None
+    """--n-cross: number of cross-attention points; point j (1..n_cross) of tower X sits after its layer
+    round(j * n_layer_X / n_cross), the same relative depth in every tower. None means 4 unless
+    cross_every is given (the two are exclusive)."""
+    cross_every: Optional[dict[str, int]] = None
+    """--cross-every-text / --cross-every-speech: a layer interval per tower (points after layers i, 2i, ...);
+    every tower must get the same number of points."""
+    input_proj: tuple[str, ...] = ("text", "speech")
+    """--input-proj: towers whose embeddings pass h0 = ReLU(MLP(embed(x))) in fused use (() = none)."""
+    proj_layers: int = 3
+    """--proj-layers: depth of the ReLU MLPs (width projection g and input projection); 3 in the paper."""
+    xattn_heads: Optional[int] = None
+    """--xattn-heads: cross-attention heads; None means the attending tower's n_head."""
+    dropout: float = 0.0
+    """--dropout: dropout in the fusion blocks (attention weights and residual branches)."""
+
+    def validate(self) -> "ZipperConfig":
+        """Raise ZipperError naming the CLI flag of the first bad field; return self so calls chain."""
+        names = self.towers
+        if len(names) < 2 or len(set(names)) != len(names):
+            raise ZipperError(f"zipper config: towers {list(names)} must be two or more distinct names")
+        for n in names:
+            # Names become ModuleDict keys and pair keys "x<-y": no dots, no arrows.
+            if not isinstance(n, str) or not n or "." in n or "<-" in n:
+                raise ZipperError(f"zipper config: bad tower name {n!r}")
+        if self.n_cross is not None and self.cross_every is not None:
+            raise ZipperError("--n-cross and --cross-every-* are exclusive: give one or the other")
+        if self.n_cross is not None and not _pos_int(self.n_cross):
+            raise ZipperError(f"--n-cross ({self.n_cross!r}) must be a positive integer")
+        if self.cross_every is not None:
+            if set(self.cross_every) != set(names):
+                raise ZipperError(f"--cross-every-* must be given for every tower ({', '.join(names)}), "
+                                  f"got {', '.join(self.cross_every) or 'none'}")
+            for n, i in self.cross_every.items():
+                if not _pos_int(i):
+                    raise ZipperError(f"--cross-every-{n} ({i!r}) must be a positive integer")
+        for n in self.input_proj:
+            if n not in names:
+                raise ZipperError(f"--input-proj: unknown tower '{n}' (valid: {', '.join(names)} or none)")
+        if not _pos_int(self.proj_layers):
+            raise ZipperError(f"--proj-layers ({self.proj_layers!r}) must be a positive integer")
+        if self.xattn_heads is not None and not _pos_int(self.xattn_heads):
+            raise ZipperError(f"--xattn-heads ({self.xattn_heads!r}) must be a positive integer")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ZipperError(f"--dropout ({self.dropout}) must be in [0, 1)")
+        return self
+
+    def cross_points(self, n_layers: dict[str, int]) -> dict[str, list[int]]:
+        """Per tower, the layer counts after which cross points 1..n sit (ascending, may repeat)."""
+        self.validate()
+        if self.cross_every is not None:
+            counts = {n: n_layers[n] // self.cross_every[n] for n in self.towers}
+            if len(set(counts.values())) != 1 or 0 in counts.values():
+                got = ", ".join(f"{n}: {n_layers[n]} // {self.cross_every[n]} = {c}" for n, c in counts.items())
+                raise ZipperError(f"--cross-every-* must give every tower the same number (>= 1) of cross points "
+                                  f"({got})")
+            return {n: [j * self.cross_every[n] for j in range(1, counts[n] + 1)] for n in self.towers}
+        k = self.n_cross or DEFAULT_N_CROSS
+        for n in self.towers:
+            if k > n_layers[n]:
+                raise ZipperError(f"--n-cross ({k}) exceeds the {n} tower's {n_layers[n]} layers")
+        # round(j * L / k) rounding halves up, in integers: spreads the points evenly (Python's round
+        # rounds halves to even, which bunches them: L=6, k=4 gives 2,3,4,6 instead of 2,3,5,6).
+        return {n: [(2 * j * n_layers[n] + k) // (2 * k) for j in range(1, k + 1)] for n in self.towers}
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["towers"], d["input_proj"] = list(self.towers), list(self.input_proj)  # JSON-friendly
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ZipperConfig":
+        fields = {f.name for f in dataclasses.fields(cls)}
+        for key in d:
+            if key not in fields:
+                raise ZipperError(f"zipper config has unknown key '{key}' (made by a newer zipper?)")
+        d = dict(d)
+        for key in ("towers", "input_proj"):
+            if key in d:
+                d[key] = tuple(d[key])
+        if d.get("cross_every") is not None:
+            d["cross_every"] = dict(d["cross_every"])
+        return cls(**d).validate()
+
+
+def _pos_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+
+def pair_key(x: str, y: str) -> str:
+    """ModuleDict key of the fusion block in which tower x attends to tower y."""
+    return f"{x}<-{y}"
+
+
+def relu_mlp(d_in: int, d_out: int, n_layers: int, final_relu: bool) -> nn.Sequential:
+    """n_layers Linear layers (hidden width d_out) with ReLU between them, and after the last if asked."""
+    layers: list[nn.Module] = []
+    for i in range(n_layers):
+        layers.append(nn.Linear(d_in if i == 0 else d_out, d_out, bias=False))
+        if i < n_layers - 1 or final_relu:
+            layers.append(nn.ReLU())
+    return nn.Sequential(*layers)
+
+
+def cross_mask(order_q: torch.Tensor, valid_kv: torch.Tensor, order_kv: torch.Tensor) -> torch.Tensor:
+    """order_q [B, T], valid_kv [B, S], order_kv [B, S] -> bool [B, T, S]: query t may attend to key s
+    iff s is a real token that comes before t in the example's linear order."""
+    return valid_kv[:, None, :] & (order_kv[:, None, :] < order_q[:, :, None])
+
+
+# ----------------------------------------------------------------------------------------------------
+
+
+class GatedCrossBlock(nn.Module):
+    """Tower X attends to tower Y at one cross point (Flamingo / torchtune style):
+        x = x + tanh(alpha) * XAttn(norm(x), norm_ctx(g(ctx)))
+        x = x + tanh(beta)  * FFW(norm_ffw(x))
+    g maps Y's width to X's width. No rotary: Y's own tower has already encoded position into ctx.
+    Split into context_kv (depends on the context only, position-wise, so a decoding cache can compute it
+    once and extend it) and attend (the query side)."""
+
+    def __init__(self, cfg_x: TowerConfig, cfg_y: TowerConfig, n_head: int, proj_layers: int, dropout: float):
+        super().__init__()
+        C = cfg_x.n_embd
+        if C % n_head:
+            raise ZipperError(f"--xattn-heads ({n_head}) must divide the tower width {C}")
+        self.n_head, self.head_dim = n_head, C // n_head
+        self.g = relu_mlp(cfg_y.n_embd, C, proj_layers, final_relu=False)
+        self.norm_ctx = RMSNorm(C, cfg_x.norm_eps)
+        self.norm = RMSNorm(C, cfg_x.norm_eps)
+        self.q = nn.Linear(C, C, bias=False)
+        self.kv = nn.Linear(C, 2 * C, bias=False)
+        self.proj = nn.Linear(C, C, bias=False)
+        self.norm_ffw = RMSNorm(C, cfg_x.norm_eps)
+        self.ffw = SwiGLU(dataclasses.replace(cfg_x, dropout=dropout))  # same shape as the tower's MLP
+        self.dropout = dropout
+        self.resid_drop = nn.Dropout(dropout)
+        # Scalar gates (0-dim, so weight decay on matrices skips them); tanh(0) = 0: identity at init.
+        self.alpha = nn.Parameter(torch.zeros(()))
+        self.beta = nn.Parameter(torch.zeros(()))
+
+    def context_kv(self, ctx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """ctx [B, S, C_y] (Y's hidden states) -> k, v [B, H, S, hd]. Position-wise: the k, v of a grown
+        context are those of the old one concatenated with those of the new positions."""
+        B, S, _ = ctx.shape
+        k, v = self.kv(self.norm_ctx(self.g(ctx))).split(self.n_head * self.head_dim, dim=-1)
+        k = k.view(B, S, self.n_head, self.head_dim).transpose(1, 2)  # [B, H, S, hd]
+        v = v.view(B, S, self.n_head, self.head_dim).transpose(1, 2)
+        return k, v
+
+    def attend(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """x [B, T, C] (X's residual stream), k, v from context_kv, mask bool [B, T, S] (True = may attend)
+        -> the updated x [B, T, C]: both gated branches, zero for rows whose mask is all False."""
+        B, T, C = x.shape
+        keep = mask.any(dim=-1, keepdim=True)  # [B, T, 1]: rows with at least one key
+        # An all-False row would make softmax 0/0 = NaN (forward and backward). Such rows attend to every
+        # key instead (finite), and `keep` multiplies their update by exactly 0, which also makes every
+        # gradient through them exactly 0. Cheaper than a dummy key slot, same effect.
+        attn_mask = (mask | ~keep).unsqueeze(1)  # [B, 1, T, S], broadcast over heads
+        q = self.q(self.norm(x)).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # [B, H, T, hd]
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0
+        )
+        y = y.transpose(1, 2).reshape(B, T, C)  # [B, T, C]
+        keep = keep.to(x.dtype)
+        x = x + torch.tanh(self.alpha) * self.resid_drop(self.proj(y)) * keep
+        # The FFW is zeroed on empty rows too: otherwise the first modality in the linear order would
+        # still be changed by fusion (through an FFW of its own states) although it saw nothing.
+        return x + torch.tanh(self.beta) * self.ffw(self.norm_ffw(x)) * keep
+
+    def forward(self, x: torch.Tensor, ctx: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.attend(x, *self.context_kv(ctx), mask)
+
+
+# ----------------------------------------------------------------------------------------------------
+
+
+class Zipper(nn.Module):
+    """Towers plus fusion modules. Build with `from_towers` (around pretrained towers) or `from_configs`
+    (fresh towers, e.g. before loading a checkpoint's state dict). The constructor holds the given
+    Tower objects as they are (shared)."""
+
+    def __init__(self, cfg: ZipperConfig, towers: dict[str, Tower]):
+        super().__init__()
+        self.cfg = cfg.validate()
+        names = cfg.towers
+        if set(towers) != set(names):
+            raise ZipperError(f"zipper: towers {sorted(towers)} do not match the config's {list(names)}")
+        self.towers = nn.ModuleDict({n: towers[n] for n in names})
+        tcfg = {n: towers[n].cfg for n in names}
+        self.points = cfg.cross_points({n: c.n_layer for n, c in tcfg.items()})  # name -> [layer after point j]
+        self.pairs = [(x, y) for x in names for y in names if y != x]  # (attending, attended)
+
+        self.input_proj = nn.ModuleDict(
+            {n: relu_mlp(tcfg[n].n_embd, tcfg[n].n_embd, cfg.proj_layers, final_relu=True) for n in cfg.input_proj}
+        )
+        self.fusion = nn.ModuleList(  # fusion[j][pair_key(x, y)]: x attends to y at cross point j
+            nn.ModuleDict({
+                pair_key(x, y): GatedCrossBlock(tcfg[x], tcfg[y], cfg.xattn_heads or tcfg[x].n_head,
+                                                cfg.proj_layers, cfg.dropout)
+                for x, y in self.pairs
+            })
+            for _ in range(len(self.points[names[0]]))
+        )
+        self._init_fusion()
+
+    @classmethod
+    def from_towers(cls, cfg: ZipperConfig, towers: dict[str, Tower], share: bool = False) -> "Zipper":
+        """Fuse pretrained towers. By default their weights are deep-copied, so training the fused model
+        never changes the caller's towers (which stay usable as the unimodal reference); share=True holds
+        the very same modules (saves memory; the caller's towers then train along)."""
+        return cls(cfg, {n: t if share else copy.deepcopy(t) for n, t in towers.items()})
+
+    @classmethod
+    def from_configs(cls, cfg: ZipperConfig, tower_cfgs: dict[str, TowerConfig]) -> "Zipper":
+        return cls(cfg, {n: Tower(c) for n, c in tower_cfgs.items()})
+
+    def _init_fusion(self) -> None:
+        # Attention and FFW matrices: normal(0.02), as in the towers. The ReLU MLPs (g, input projections)
+        # get He init instead: a 3-deep ReLU stack at std 0.02 shrinks a tiny-width signal ~1000x, below
+        # RMSNorm's eps (norm_ctx would then see mostly eps) and far below the embeddings the tower expects.
+        for m in self.fusion.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, mean=0.0, std=0.02)
+        relu_mlps = [b.g for blocks in self.fusion for b in blocks.values()] + list(self.input_proj.values())
+        for mlp in relu_mlps:
+            for m in mlp:
+                if isinstance(m, nn.Linear):
+                    nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+        for blocks in self.fusion:
+            for b in blocks.values():
+                nn.init.zeros_(b.alpha)
+                nn.init.zeros_(b.beta)
+
+    # --- training forward ---------------------------------------------------------------------------
+
+    def forward(self, batch: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """batch[name] = (tokens [B, T_x] int64, valid [B, T_x] bool, order [B, T_x] int64: each token's
+        position in the example's linear sequence) -> {name: logits [B, T_x, V_x]}. Full causal
+        self-attention inside each tower; cross-attention masked by linear order."""
+        names = self.cfg.towers
+        self._check_batch(batch)
+        h, rope = {}, {}
+        for n in names:
+            tokens = batch[n][0]
+            x = self.towers[n].embed(tokens)
+            h[n] = self.input_proj[n](x) if n in self.input_proj else x
+            rope[n], _ = self.towers[n].block_inputs(tokens.shape[1])  # mask None: sdpa's causal path
+        masks = {(x, y): cross_mask(batch[x][2], batch[y][1], batch[y][2]) for x, y in self.pairs}
+
+        done = dict.fromkeys(names, 0)  # blocks already run per tower
+        for j, blocks in enumerate(self.fusion):
+            for n in names:
+                h[n] = self._run_blocks(n, h[n], rope[n], done[n], self.points[n][j])
+                done[n] = self.points[n][j]
+            ctx = dict(h)  # every tower at cross point j, before this round's updates: symmetric
+            for x, y in self.pairs:
+                h[x] = blocks[pair_key(x, y)](h[x], ctx[y], masks[(x, y)])
+        out = {}
+        for n in names:
+            h[n] = self._run_blocks(n, h[n], rope[n], done[n], len(self.towers[n].blocks))
+            out[n] = self.towers[n].head(h[n])
+        return out
+
+    def _run_blocks(self, name: str, x: torch.Tensor, rope, start: int, stop: int) -> torch.Tensor:
+        for block in self.towers[name].blocks[start:stop]:
+            x = block(x, rope)
+        return x
+
+    def _check_batch(self, batch) -> None:
+        if set(batch) != set(self.cfg.towers):
+            raise ZipperError(f"zipper batch has towers {sorted(batch)}, expected {list(self.cfg.towers)}")
+        B = None
+        for n, (tokens, valid, order) in batch.items():
+            if tokens.dim() != 2 or valid.shape != tokens.shape or order.shape != tokens.shape:
+                raise ValueError(f"{n}: tokens, valid, order must all be [B, T] (got {list(tokens.shape)}, "
+                                 f"{list(valid.shape)}, {list(order.shape)})")
+            if valid.dtype != torch.bool:
+                raise ValueError(f"{n}: valid must be a bool tensor (got {valid.dtype})")
+            if B is not None and tokens.shape[0] != B:
+                raise ValueError(f"towers disagree on the batch size ({B} vs {tokens.shape[0]} for {n})")
+            B = tokens.shape[0]
+
+    # --- unimodal use, freezing -----------------------------------------------------------------------
+
+    def unimodal_logits(self, name: str, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens [B, T] -> logits of the tower alone: no input projection, no fusion."""
+        return self.towers[name](tokens)
+
+    def freeze(self, names: Iterable[str]) -> None:
+        """Make the frozen set exactly `names` (others' tower parameters become trainable again). Only
+        the towers' own parameters (embedding, blocks, final norm) freeze; fusion modules and input
+        projections stay trainable."""
+        names = list(names)
+        for n in names:
+            if n not in self.towers:
+                raise ZipperError(f"--freeze: unknown tower '{n}' (valid: {', '.join(self.towers)} or none)")
+        for n, tower in self.towers.items():
+            tower.requires_grad_(n not in names)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """What the optimizer gets: frozen parameters are never handed to it."""
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def num_params(self, trainable_only: bool = False) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)

@@ -1,0 +1,319 @@
+"""`zipper fuse`: zip the pretrained text and speech towers with gated cross-attention (or train the
+single-decoder baseline) on a nested subset of the aligned role, for ASR and TTS at once.
+
+Writes fused/TAG/: config.json (architecture, tower configs, sources and checksums), model.pt (all
+weights, tensors only), ckpt/, metrics.jsonl (train loss, dev loss per direction, gate values), loss.png,
+gates.png, initial.json (dev losses at step 0).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..atomic import atomic_path, read_jsonl, sha256_file, write_json
+from ..checkpoint import load_checkpoint
+from ..console import log
+from ..errors import ZipperError
+from ..fusion_data import ASR, TTS, Example, make_examples, nested_subset, parse_task_mix, tower_batch
+from ..models.single_decoder import SingleDecoderVocab, build_single_decoder
+from ..models.tower import Tower, TowerConfig
+from ..models.zipper import Zipper, ZipperConfig
+from ..plots import plot_metrics
+from ..rundir import config_dict, init_run_dir, open_stage, require_stage
+from ..shards import load_role
+from ..trainer import TrainConfig, evaluate, init_distributed, resolve_device, train
+from .pretrain import _broadcast, _check_unfinished, load_tower, tower_dir
+
+ARCHS = ("zipper", "single-decoder")
+
+
+@dataclass(frozen=True)
+class FuseConfig:
+    """What `zipper fuse` trains and on which data."""
+
+    arch: str = "zipper"
+    """--arch: zipper (two towers + gated cross-attention) or single-decoder (the paper's baseline)."""
+    tag: Optional[str] = None
+    """--tag: name of the fused model under fused/ (default: the architecture, freeze and data size)."""
+    freeze: str = "text"
+    """--freeze: text | speech | none: towers whose own parameters are not trained (zipper only)."""
+    aligned_fraction: Optional[float] = None
+    """--aligned-fraction: use this fraction of the aligned role (nested subsets; default all)."""
+    aligned_count: Optional[int] = None
+    """--aligned-count: or this many aligned utterances."""
+    subset_seed: int = 0
+    """--subset-seed: seed of the aligned subsets' fixed ranking."""
+    task_mix: str = "1:1.26"
+    """--task-mix: ASR:TTS examples (the paper's LibriSpeech:LibriTTS mix is about 1:1.26)."""
+    n_cross: Optional[int] = None
+    """--n-cross: cross-attention points per tower (default 4, or the shallower tower's depth if less)."""
+    input_proj: str = "text,speech"
+    """--input-proj: towers whose embeddings pass ReLU(MLP(.)) in fused use, comma list or 'none'."""
+    proj_layers: int = 3
+    """--proj-layers: depth of the ReLU MLPs (width projection g, input projections)."""
+    dropout: float = 0.0
+    """--dropout: dropout in the fusion blocks."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def validate(self) -> None:
+        if self.arch not in ARCHS:
+            raise ZipperError(f"--arch must be one of {', '.join(ARCHS)} (got {self.arch!r})")
+        if self.freeze not in ("text", "speech", "none"):
+            raise ZipperError(f"--freeze must be text, speech or none (got {self.freeze!r})")
+        if self.arch == "single-decoder" and self.freeze != "none":
+            raise ZipperError("--arch single-decoder trains all parameters, as in the paper: use --freeze none")
+        if self.tag is not None and (not self.tag or "/" in self.tag or self.tag.startswith(".")):
+            raise ZipperError(f"--tag {self.tag!r}: use a plain name (letters, digits, - and _)")
+        parse_task_mix(self.task_mix)
+        self.train.validate()
+        self.zipper_config().validate()
+
+    def zipper_config(self, max_cross: int = 4) -> ZipperConfig:
+        """The fusion config; without --n-cross, 4 cross-attention points (fewer for shallower towers)."""
+        proj = () if self.input_proj in ("none", "") else tuple(x.strip() for x in self.input_proj.split(","))
+        return ZipperConfig(n_cross=self.n_cross or min(4, max_cross), input_proj=proj, proj_layers=self.proj_layers,
+                            dropout=self.dropout)
+
+    def resolved_tag(self) -> str:
+        if self.tag:
+            return self.tag
+        size = (f"-n{self.aligned_count}" if self.aligned_count else
+                f"-f{self.aligned_fraction:g}" if self.aligned_fraction is not None else "")
+        arch = "zipper-freeze-" + self.freeze if self.arch == "zipper" else "single-decoder"
+        return arch + size
+
+
+class ZipperLoss:
+    """Cross-entropy on the output modality of each example (ASR: text, TTS: speech)."""
+
+    def __call__(self, model, examples: list[Example], device):
+        batch, targets = {}, {}
+        for m in ("text", "speech"):
+            tokens, valid, order, tgt = tower_batch(examples, m)
+            batch[m] = (tokens.to(device), valid.to(device), order.to(device))
+            targets[m] = tgt.to(device)
+        logits = model(batch)
+        loss = sum(F.cross_entropy(logits[m].float().flatten(0, 1), targets[m].flatten(), ignore_index=-100,
+                                   reduction="sum") for m in logits)
+        return loss, int(sum((t != -100).sum() for t in targets.values()))
+
+    @staticmethod
+    def count_targets(ex: Example) -> int:
+        return ex.targets()
+
+
+@dataclass(frozen=True)
+class SDExample:
+    """A single-decoder example: joint-vocabulary ids and which of them are targets."""
+
+    ids: np.ndarray
+    mask: np.ndarray
+    task: str
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+class SingleDecoderLoss:
+    def __call__(self, model, examples: list[SDExample], device):
+        T = max(len(e.ids) for e in examples) - 1
+        x = torch.zeros((len(examples), T), dtype=torch.long)  # pad id 0 (text pad)
+        y = torch.full((len(examples), T), -100, dtype=torch.long)
+        for i, e in enumerate(examples):
+            ids = torch.as_tensor(e.ids)
+            x[i, : len(ids) - 1] = ids[:-1]
+            y[i, : len(ids) - 1] = torch.where(torch.as_tensor(e.mask[1:]), ids[1:], torch.tensor(-100))
+        logits = model(x.to(device))
+        y = y.to(device)
+        return F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-100, reduction="sum"), int((y != -100).sum())
+
+    @staticmethod
+    def count_targets(ex: SDExample) -> int:
+        return int(ex.mask[1:].sum())
+
+
+def to_single_decoder(examples: list[Example], vocab: SingleDecoderVocab) -> list[SDExample]:
+    out = []
+    for ex in examples:
+        ids, mask = vocab.asr_example(ex.units, ex.pieces) if ex.task == ASR else vocab.tts_example(ex.pieces, ex.units)
+        out.append(SDExample(ids, mask, ex.task))
+    return out
+
+
+def fused_dir(run_dir: Path, tag: str) -> Path:
+    return Path(run_dir) / "fused" / tag
+
+
+def load_fused(directory: Path, device: str = "cpu"):
+    """Rebuild a fused model (Zipper or single decoder) from config.json + model.pt."""
+    directory = Path(directory)
+    try:
+        meta = json.loads((directory / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ZipperError(f"{directory / 'config.json'}: cannot read the fused model config ({e})") from None
+    towers = {n: TowerConfig.from_dict(c) for n, c in meta["towers"].items()}
+    if meta["arch"] == "zipper":
+        model = Zipper.from_configs(ZipperConfig.from_dict(meta["zipper"]), towers)
+    else:
+        model = Tower(towers["single"])
+    model.load_state_dict(load_checkpoint(directory / "model.pt"))
+    return model.to(device).eval(), meta
+
+
+def _aligned_utts(run_dir: Path, role: str, marker: dict) -> list[dict]:
+    utts = load_role(run_dir, role, text_tok=marker["text_tokenizer"], speech_tok=marker["speech_tokenizer"])
+    return [u for u in utts if u["text"] is not None and u["speech"] is not None]
+
+
+def fuse(run_dir: Path, cfg: FuseConfig, force: bool = False) -> dict | None:
+    cfg.validate()
+    run_dir = Path(run_dir)
+    d = init_distributed(resolve_device(cfg.train))
+    tok = require_stage(run_dir, "tokenize", "zipper fuse")
+    needed = ("text",) if cfg.arch == "single-decoder" else ("text", "speech")
+    for t in needed:
+        require_stage(run_dir, f"pretrain-{t}", "zipper fuse")
+    tag = cfg.resolved_tag()
+    name, out = f"fuse-{tag}", fused_dir(run_dir, tag)
+    stage_cfg = config_dict(cfg)
+    stage_cfg["train"].pop("device")
+    inputs = {f"tower_{t}": sha256_file(tower_dir(run_dir, t) / "model.pt") for t in needed}
+    inputs |= {"text_tokenizer": tok["text_tokenizer"], "speech_tokenizer": tok["speech_tokenizer"]}
+
+    error, ctx = None, contextlib.nullcontext("follower")
+    if d.main:
+        init_run_dir(run_dir)
+        ctx = open_stage(run_dir, name, stage_cfg, inputs, force=force, log=log)
+    with contextlib.ExitStack() as stack:
+        try:
+            stage = stack.enter_context(ctx)
+            if d.main and stage is not None:
+                _check_unfinished(out, stage_cfg, force)
+        except ZipperError as e:
+            error, stage = str(e), None
+        decision = _broadcast({"error": error, "run": stage is not None}, d)
+        if decision["error"]:
+            raise ZipperError(decision["error"])
+        if not decision["run"]:
+            return None
+        return _fuse(run_dir, cfg, tag, out, tok, stage if d.main else None, d)
+
+
+def _fuse(run_dir: Path, cfg: FuseConfig, tag: str, out: Path, tok: dict, stage, d) -> dict:
+    aligned = _aligned_utts(run_dir, "aligned", tok)
+    keep = set(nested_subset([u["id"] for u in aligned], cfg.subset_seed, cfg.aligned_fraction, cfg.aligned_count))
+    aligned = [u for u in aligned if u["id"] in keep]
+    dev = _aligned_utts(run_dir, "dev", tok)
+    mix = parse_task_mix(cfg.task_mix)
+    train_ex = make_examples(aligned, mix, cfg.train.seed)
+    dev_ex = {task: make_examples(dev, (1, 0) if task == ASR else (0, 1), 0) for task in (ASR, TTS)}
+
+    text_tower, _ = load_tower(tower_dir(run_dir, "text"))
+    torch.manual_seed(cfg.train.seed)
+    if cfg.arch == "zipper":
+        speech_tower, _ = load_tower(tower_dir(run_dir, "speech"))
+        depth = min(text_tower.cfg.n_layer, speech_tower.cfg.n_layer)
+        model = Zipper.from_towers(cfg.zipper_config(depth), {"text": text_tower, "speech": speech_tower})
+        model.freeze([] if cfg.freeze == "none" else [cfg.freeze])
+        loss_fn = ZipperLoss()
+        meta = {"arch": "zipper", "zipper": model.cfg.to_dict(),
+                "towers": {n: t.cfg.to_dict() for n, t in model.towers.items()}}
+    else:
+        sd_vocab = SingleDecoderVocab(text_tower.cfg.vocab_size, _speech_vocab(run_dir))
+        model = build_single_decoder(text_tower, sd_vocab, seed=cfg.train.seed)
+        loss_fn = SingleDecoderLoss()
+        train_ex = to_single_decoder(train_ex, sd_vocab)
+        dev_ex = {task: to_single_decoder(ex, sd_vocab) for task, ex in dev_ex.items()}
+        meta = {"arch": "single-decoder", "towers": {"single": model.cfg.to_dict()},
+                "single_decoder_vocab": {"text_size": sd_vocab.text_size, "speech_size": sd_vocab.speech_size}}
+    meta |= {"freeze": cfg.freeze, "tokenizers": {"text": tok["text_tokenizer"], "speech": tok["speech_tokenizer"]},
+             "aligned_utterances": len(aligned), "tag": tag}
+    n_total, n_train = model.num_params(), model.num_params(trainable_only=True)
+
+    def per_direction(m) -> dict:
+        row = {}
+        for task, ex in dev_ex.items():
+            if ex:
+                row[f"dev_{task}_loss"] = round(evaluate(m, ex, loss_fn, cfg.train, resolve_device(cfg.train), d), 6)
+        if cfg.arch == "zipper":
+            row |= gate_values(m)
+        return row
+
+    initial_path = out / "initial.json"
+    if d.main and not initial_path.exists():
+        initial = per_direction(model)
+        write_json(initial_path, initial)
+    if d.main:
+        write_json(out / "config.json", meta)
+        log(f"[{stage.name}] {cfg.arch}: {n_total / 1e6:.2f}M parameters, {n_train / 1e6:.2f}M trainable; "
+            f"{len(aligned)} aligned utterances -> {sum(e.task == ASR for e in train_ex)} ASR + "
+            f"{sum(e.task == TTS for e in train_ex)} TTS examples")
+    summary = train(out, model, train_ex, dev_ex[ASR] + dev_ex[TTS], [len(e) for e in train_ex], loss_fn, cfg.train,
+                    log=log if d.main else (lambda *_: None), extra_metrics=per_direction)
+    if not d.main:
+        return summary
+    with atomic_path(out / "model.pt") as tmp:
+        torch.save({k: v.cpu() for k, v in model.state_dict().items()}, tmp)
+    rows = read_jsonl(out / "metrics.jsonl")
+    plot_metrics(rows, out / "loss.png", f"{tag}", keys=("loss", "dev_asr_loss", "dev_tts_loss"))
+    if cfg.arch == "zipper":
+        plot_gates(rows, out / "gates.png", tag)
+    initial = json.loads(initial_path.read_text())
+    final = per_direction(model)
+    summary |= {"params": n_total, "trainable_params": n_train, "aligned_utterances": len(aligned),
+                "initial": initial, "final": final}
+    for task in (ASR, TTS):
+        key = f"dev_{task}_loss"
+        if key in initial:
+            log(f"[{stage.name}] dev {task.upper()} loss {initial[key]:.4f} at step 0 -> {final[key]:.4f}")
+    stage.finish(outputs=summary)
+    return summary
+
+
+def _speech_vocab(run_dir: Path) -> int:
+    from ..vocab import speech_vocab_size
+
+    return speech_vocab_size(json.loads((Path(run_dir) / "tokens" / "aligned" / "index.json").read_text())["speech_vocab"])
+
+
+def gate_values(model: Zipper) -> dict:
+    """tanh of every gate: gate/<attending><-<attended>/<point>/{attn,ffw}."""
+    out = {}
+    for j, blocks in enumerate(model.fusion):
+        for key, block in blocks.items():
+            out[f"gate/{key}/{j}/attn"] = round(math.tanh(block.alpha.item()), 6)
+            out[f"gate/{key}/{j}/ffw"] = round(math.tanh(block.beta.item()), 6)
+    return out
+
+
+def plot_gates(rows: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = sorted({k for r in rows for k in r if k.startswith("gate/")})
+    if not keys:
+        return
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    for k in keys:
+        pts = [(r["step"], r[k]) for r in rows if k in r]
+        ax.plot(*zip(*pts), label=k[5:], linestyle="-" if k.endswith("attn") else "--")
+    ax.set_xlabel("step")
+    ax.set_ylabel("tanh(gate)")
+    ax.set_title(f"{title}: gate values per cross-attention point")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
