@@ -2,10 +2,15 @@
 """Benchmarks, reported as ratios against references measured in the same run.
 
   .venv/bin/python scripts/bench.py tokenize [--seconds 120] [--units 512] [--frame-rate 25]
+  .venv/bin/python scripts/bench.py pretrain [--batch 32] [--seq 128] [--threads 2]
 
 tokenize: real-time factor (audio seconds per wall second) of the default speech tokenizer, split into
 audio decoding, features and unit assignment on one thread, then the whole read+encode path with 1 and
 2 worker processes. Target: features + assignment >= 500x real time on one core.
+
+pretrain: training tokens/s of the `demo` tower (fp32 and bf16 autocast) and model FLOPs utilisation
+against this machine's matmul peak measured in the same run (fp32 and bf16), peak memory (max RSS),
+and a profiler breakdown of where a step's time goes. Target: >= 50% of the measured bf16 peak.
 """
 
 from __future__ import annotations
@@ -105,6 +110,79 @@ def bench_tokenize(args) -> dict:
     return result
 
 
+def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 10) -> float:
+    """Measured GFLOP/s of an n x n matmul in `dtype` after warm-up: this machine's practical peak."""
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    for _ in range(3):
+        a @ b
+    t = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    return 2 * n**3 * reps / (time.perf_counter() - t) / 1e9
+
+
+def _train_throughput(precision: str, batch: int, seq: int, vocab: int, steps: int) -> dict:
+    """Tokens/s of the real training step (model, loss, backward, AdamW) for the demo tower, in this process."""
+    import resource
+    from contextlib import nullcontext
+
+    import torch.nn.functional as F
+    from zipper_cli.models.tower import Tower, tower_preset
+
+    torch.manual_seed(0)
+    model = Tower(tower_preset("demo", vocab, max_seq_len=seq))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, foreach=False)
+    x = torch.randint(3, vocab, (batch, seq + 1))
+    ctx = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if precision == "bf16" else nullcontext
+
+    def step():
+        with ctx():
+            logits = model(x[:, :-1])
+        loss = F.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].flatten())
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.item()
+
+    for _ in range(3):
+        step()
+    t = time.perf_counter()
+    for _ in range(steps):
+        step()
+    dt = (time.perf_counter() - t) / steps
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
+    top = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:8]
+    total = sum(e.self_cpu_time_total for e in prof.key_averages())
+    return {"tokens_per_s": batch * seq / dt, "flops_per_token": model.flops_per_token(seq),
+            "step_ms": dt * 1e3, "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "params": model.num_params(),
+            "time_by_op": {e.key: round(e.self_cpu_time_total / total, 3) for e in top}}
+
+
+def bench_pretrain(args) -> dict:
+    torch.set_num_threads(args.threads)
+    peaks = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
+    out = {"threads": args.threads, "matmul_peak_gflops": {k: round(v, 1) for k, v in peaks.items()},
+           "batch": args.batch, "seq": args.seq}
+    for precision in ("fp32", "bf16"):
+        # Each precision in a fresh process so its peak memory is its own.
+        res = subprocess.run([sys.executable, __file__, "_train", precision, str(args.batch), str(args.seq),
+                              str(args.vocab), str(args.steps), str(args.threads)], capture_output=True, text=True, check=True)
+        r = json.loads(res.stdout)
+        achieved = r["tokens_per_s"] * r["flops_per_token"] / 1e9
+        r |= {"achieved_gflops": round(achieved, 1),
+              "mfu_vs_fp32_peak": round(achieved / peaks["fp32"], 3),
+              "mfu_vs_bf16_peak": round(achieved / peaks["bf16"], 3)}
+        out[precision] = {k: (round(v, 1) if isinstance(v, float) else v) for k, v in r.items()}
+    out["bf16_over_fp32_speed"] = round(out["bf16"]["tokens_per_s"] / out["fp32"]["tokens_per_s"], 2)
+    out["target_mfu_vs_bf16_peak"] = 0.5
+    out["best_mfu_vs_bf16_peak"] = max(out["fp32"]["mfu_vs_bf16_peak"], out["bf16"]["mfu_vs_bf16_peak"])
+    return out
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="what", required=True)
@@ -112,8 +190,19 @@ def main():
     t.add_argument("--seconds", type=float, default=120.0)
     t.add_argument("--units", type=int, default=512)
     t.add_argument("--frame-rate", type=int, default=25)
+    t = sub.add_parser("pretrain")
+    t.add_argument("--batch", type=int, default=32)
+    t.add_argument("--seq", type=int, default=128)
+    t.add_argument("--vocab", type=int, default=515)
+    t.add_argument("--steps", type=int, default=10)
+    t.add_argument("--threads", type=int, default=2)
+    if len(sys.argv) > 1 and sys.argv[1] == "_train":  # internal: one measurement in a fresh process
+        precision, batch, seq, vocab, steps, threads = sys.argv[2:8]
+        torch.set_num_threads(int(threads))
+        print(json.dumps(_train_throughput(precision, int(batch), int(seq), int(vocab), int(steps))))
+        return
     args = p.parse_args()
-    result = {"tokenize": bench_tokenize}[args.what](args)
+    result = {"tokenize": bench_tokenize, "pretrain": bench_pretrain}[args.what](args)
     print(json.dumps(result, indent=2))
 
 

@@ -57,6 +57,7 @@ def tokenize(
     ssl_layer: int = typer.Option(6, help="ssl-kmeans: transformer layer whose output is clustered."),
     ssl_checkpoint: Optional[Path] = typer.Option(None, help="ssl-kmeans: local state_dict of that model."),
     codec_checkpoint: Optional[Path] = typer.Option(None, help="encodec: local state_dict of the 24 kHz model."),
+    codec_bandwidth: float = typer.Option(1.5, help="encodec: target bandwidth in kbps (units are codebook 0)."),
     seed: int = typer.Option(0, help="Seed for the tokenizers (k-means, sentencepiece)."),
     max_fit_frames: int = typer.Option(200_000, help="Frames sampled to fit k-means."),
     shard_size: int = typer.Option(2000, help="Utterances per token shard."),
@@ -78,7 +79,8 @@ def tokenize(
         speech=SpeechTokenizerConfig(kind=speech_tokenizer, k=units, frame_rate=frame_rate, dedup=dedup, seed=seed,
                                      max_fit_frames=max_fit_frames, ssl_arch=ssl_arch, ssl_layer=ssl_layer,
                                      ssl_checkpoint=str(ssl_checkpoint) if ssl_checkpoint else None,
-                                     codec_checkpoint=str(codec_checkpoint) if codec_checkpoint else None),
+                                     codec_checkpoint=str(codec_checkpoint) if codec_checkpoint else None,
+                                     codec_bandwidth=codec_bandwidth),
         shard_size=shard_size, workers=workers, cache_dir=str(cache_dir) if cache_dir else None)
     run(run_dir, cfg, force=force)
 

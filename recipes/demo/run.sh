@@ -5,7 +5,8 @@
 #
 #   recipes/demo/run.sh [--stage N] [--stop-stage M] [--run-dir DIR] [--workers W]
 #
-# Stages: 1 tokenize (later issues add: 2 pretrain text, 3 pretrain speech, 4 fuse, 5 decode, 6 eval).
+# Stages: 1 tokenize, 2 pretrain text, 3 pretrain speech, 4 fuse (Zipper, text tower frozen)
+# (later issues add: 5 decode, 6 eval).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -31,8 +32,26 @@ if [ "$stage" -le 1 ] && [ "$stop_stage" -ge 1 ]; then
   $zipper tokenize --run-dir "$run_dir" --corpus demo --text-vocab 256 --workers "$workers"
 fi
 
-last_built=1
+if [ "$stage" -le 2 ] && [ "$stop_stage" -ge 2 ]; then
+  echo "== stage 2: pretrain the text tower"
+  $zipper pretrain --run-dir "$run_dir" --tower text --size demo --steps 300 --lr 2e-3 --warmup 30 \
+    --max-tokens 4096 --eval-every 50 --ckpt-every 100
+fi
+
+if [ "$stage" -le 3 ] && [ "$stop_stage" -ge 3 ]; then
+  echo "== stage 3: pretrain the speech tower"
+  $zipper pretrain --run-dir "$run_dir" --tower speech --size demo --steps 300 --lr 2e-3 --warmup 30 \
+    --max-tokens 4096 --eval-every 50 --ckpt-every 100
+fi
+
+if [ "$stage" -le 4 ] && [ "$stop_stage" -ge 4 ]; then
+  echo "== stage 4: zip the towers (text frozen, speech trained) on the aligned role"
+  $zipper fuse --run-dir "$run_dir" --arch zipper --freeze text --steps 400 --lr 1e-3 --warmup 40 \
+    --max-tokens 6144 --eval-every 50 --ckpt-every 100
+fi
+
+last_built=4
 if [ "$stop_stage" -gt "$last_built" ]; then
-  echo "== stages after $last_built (pretrain, fuse, decode, eval) are not built yet; see the open issues"
+  echo "== stages after $last_built (decode, eval) are not built yet; see the open issues"
 fi
 echo "== done: artifacts in $run_dir"
