@@ -5,7 +5,7 @@ cd "$(dirname "$0")/.."
 
 # System programs: Festival voices and espeak-ng synthesize the built-in corpora, sox shifts pitch,
 # wordnet-base and bible-kjv-text hold the `english` corpus's sentences.
-APT_PKGS="festival festvox-kallpc16k festvox-us-slt-hts espeak-ng sox wordnet-base bible-kjv-text libsndfile1"
+APT_PKGS="festival festvox-kallpc16k festvox-us-slt-hts espeak-ng sox wordnet-base bible-kjv bible-kjv-text libsndfile1"
 missing=""
 for p in $APT_PKGS; do
   dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"

@@ -13,9 +13,11 @@ loss. One process with the same global batch computes the same update (up to flo
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import shutil
 import signal
 import time
 from contextlib import nullcontext
@@ -26,11 +28,12 @@ from typing import Callable, Sequence
 import torch
 import torch.distributed as dist
 
-from .atomic import write_jsonl
+from .atomic import write_json, write_jsonl
 from .batching import make_batches
 from .checkpoint import latest_checkpoint, save_checkpoint
 from .console import log as console_log, progress
 from .errors import Interrupted, ZipperError
+from .rundir import diff_keys, init_run_dir, open_stage
 
 
 @dataclass(frozen=True)
@@ -138,6 +141,51 @@ def _all_sum(x: torch.Tensor, d: Dist) -> torch.Tensor:
     if d.world > 1:
         dist.all_reduce(x, op=dist.ReduceOp.SUM)
     return x
+
+
+def broadcast(obj, d: Dist):
+    """Rank 0's `obj` on every rank."""
+    if d.world == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+@contextlib.contextmanager
+def training_stage(run_dir: Path, name: str, stage_cfg: dict, inputs: dict, out: Path, force: bool, d: Dist):
+    """Open a training stage. Rank 0 owns the run directory (lock, marker, files) and every rank follows
+    its decision: yields the Stage on rank 0 ("follower" on the others) when the stage must run, None
+    when it is already done; rank 0's error is raised on every rank."""
+    error, ctx = None, contextlib.nullcontext("follower")
+    if d.main:
+        init_run_dir(run_dir)
+        ctx = open_stage(run_dir, name, stage_cfg, inputs, force=force, log=console_log)
+    with contextlib.ExitStack() as stack:
+        stage = None
+        try:
+            stage = stack.enter_context(ctx)
+            if d.main and stage is not None:
+                _check_unfinished(out, stage_cfg, force)
+        except ZipperError as e:
+            error = str(e)
+        decision = broadcast({"error": error, "run": stage is not None}, d)
+        if decision["error"]:
+            raise ZipperError(decision["error"])
+        yield stage if decision["run"] else None
+
+
+def _check_unfinished(out: Path, stage_cfg: dict, force: bool) -> None:
+    """Checkpoints of an unfinished run with another config are not silently mixed with this one."""
+    saved = out / "stage_config.json"
+    if saved.exists() and any((out / "ckpt").glob("step-*.pt")):
+        diffs = diff_keys(json.loads(saved.read_text()), stage_cfg)
+        if diffs and not force:
+            raise ZipperError(f"{out} holds checkpoints of an unfinished run with a different config "
+                              f"({'; '.join(diffs)}); rerun with --force to start over")
+    if force and out.exists():
+        shutil.rmtree(out)
+    write_json(saved, stage_cfg)
 
 
 # ---------------------------------------------------------------------------------------------- the loop

@@ -8,7 +8,6 @@ gates.png, initial.json (dev losses at step 0).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 from dataclasses import dataclass, field
@@ -28,10 +27,10 @@ from ..models.single_decoder import SingleDecoderVocab, build_single_decoder
 from ..models.tower import Tower, TowerConfig
 from ..models.zipper import Zipper, ZipperConfig
 from ..plots import plot_metrics
-from ..rundir import config_dict, init_run_dir, open_stage, require_stage
+from ..rundir import config_dict, require_stage
 from ..shards import load_role
-from ..trainer import TrainConfig, evaluate, init_distributed, resolve_device, train
-from .pretrain import _broadcast, _check_unfinished, load_tower, tower_dir
+from ..trainer import TrainConfig, evaluate, init_distributed, resolve_device, train, training_stage
+from .pretrain import load_tower, tower_dir
 
 ARCHS = ("zipper", "single-decoder")
 
@@ -189,23 +188,10 @@ def fuse(run_dir: Path, cfg: FuseConfig, force: bool = False) -> dict | None:
     inputs = {f"tower_{t}": sha256_file(tower_dir(run_dir, t) / "model.pt") for t in needed}
     inputs |= {"text_tokenizer": tok["text_tokenizer"], "speech_tokenizer": tok["speech_tokenizer"]}
 
-    error, ctx = None, contextlib.nullcontext("follower")
-    if d.main:
-        init_run_dir(run_dir)
-        ctx = open_stage(run_dir, name, stage_cfg, inputs, force=force, log=log)
-    with contextlib.ExitStack() as stack:
-        try:
-            stage = stack.enter_context(ctx)
-            if d.main and stage is not None:
-                _check_unfinished(out, stage_cfg, force)
-        except ZipperError as e:
-            error, stage = str(e), None
-        decision = _broadcast({"error": error, "run": stage is not None}, d)
-        if decision["error"]:
-            raise ZipperError(decision["error"])
-        if not decision["run"]:
+    with training_stage(run_dir, name, stage_cfg, inputs, out, force, d) as stage:
+        if stage is None:
             return None
-        return _fuse(run_dir, cfg, tag, out, tok, stage if d.main else None, d)
+        return _fuse(run_dir, cfg, tag, out, tok, stage, d)
 
 
 def _fuse(run_dir: Path, cfg: FuseConfig, tag: str, out: Path, tok: dict, stage, d) -> dict:

@@ -6,17 +6,14 @@ Writes towers/{text,speech}/: config.json (tower config, modality, tokenizer che
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 from ..atomic import atomic_path, read_jsonl, write_json
@@ -25,9 +22,9 @@ from ..console import log
 from ..errors import ZipperError
 from ..models.tower import PRESETS, Tower, TowerConfig, tower_preset
 from ..plots import plot_metrics
-from ..rundir import config_dict, diff_keys, init_run_dir, open_stage, require_stage
+from ..rundir import config_dict, require_stage
 from ..shards import load_role
-from ..trainer import Dist, TrainConfig, init_distributed, resolve_device, train
+from ..trainer import Dist, TrainConfig, init_distributed, resolve_device, train, training_stage
 from ..vocab import specials, speech_vocab_size, split_long, text_vocab_size, to_sequence
 
 
@@ -121,14 +118,6 @@ def load_tower(directory: Path, device: str = "cpu") -> tuple[Tower, dict]:
     return model.to(device), meta
 
 
-def _broadcast(obj, d: Dist):
-    if d.world == 1:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 def pretrain(run_dir: Path, cfg: PretrainConfig, force: bool = False) -> dict | None:
     cfg.validate()
     run_dir = Path(run_dir)
@@ -142,37 +131,10 @@ def pretrain(run_dir: Path, cfg: PretrainConfig, force: bool = False) -> dict | 
     stage_cfg["train"].pop("device")  # where it runs does not change what it computes
     inputs = {f"{cfg.tower}_tokenizer": checksum}
 
-    # Rank 0 owns the run directory (lock, marker, files); the others follow its decision.
-    error, ctx = None, contextlib.nullcontext("follower")
-    if d.main:
-        init_run_dir(run_dir)
-        ctx = open_stage(run_dir, name, stage_cfg, inputs, force=force, log=log)
-    with contextlib.ExitStack() as stack:
-        try:
-            stage = stack.enter_context(ctx)
-            if d.main and stage is not None:
-                _check_unfinished(out, stage_cfg, force)
-        except ZipperError as e:
-            error, stage = str(e), None
-        decision = _broadcast({"error": error, "run": stage is not None}, d)
-        if decision["error"]:
-            raise ZipperError(decision["error"])
-        if not decision["run"]:
+    with training_stage(run_dir, name, stage_cfg, inputs, out, force, d) as stage:
+        if stage is None:
             return None
-        return _pretrain(run_dir, cfg, out, checksum, stage if d.main else None, d)
-
-
-def _check_unfinished(out: Path, stage_cfg: dict, force: bool) -> None:
-    """Checkpoints of an unfinished run with another config are not silently mixed with this one."""
-    saved = out / "stage_config.json"
-    if saved.exists() and any((out / "ckpt").glob("step-*.pt")):
-        diffs = diff_keys(json.loads(saved.read_text()), stage_cfg)
-        if diffs and not force:
-            raise ZipperError(f"{out} holds checkpoints of an unfinished run with a different config "
-                              f"({'; '.join(diffs)}); rerun with --force to start over")
-    if force and out.exists():
-        shutil.rmtree(out)
-    write_json(saved, stage_cfg)
+        return _pretrain(run_dir, cfg, out, checksum, stage, d)
 
 
 def _pretrain(run_dir: Path, cfg: PretrainConfig, out: Path, checksum: str, stage, d: Dist) -> dict:

@@ -1,0 +1,125 @@
+#!/usr/bin/env python
+"""Measure the CTC judge on a corpus manifest: train on the aligned role, score dev and test, time it.
+
+  .venv/bin/python scripts/measure_ctc_judge.py [--manifest /tmp/zipper-cache-demo/demo-*/manifest.jsonl]
+      [--out /tmp/ctc-judge-measure] [--threads 2] [--steps 1200] [--lr 2e-3] [--encoder gru] ...
+
+Every CTCJudgeConfig field is a flag (--time-masks 0 turns SpecAugment's time masks off, ...).
+Prints one JSON object: config, parameters, training time, dev and test WER/CER, the real-time factor
+of transcription (wall seconds per audio second, batched and one utterance at a time) and, when the
+pocketsphinx judge is installed and --pocketsphinx is given, its WER on the same test audio.
+
+The output directory is reused: a finished judge with the same config is loaded, not retrained
+(--fresh deletes it first). Outputs are measurements only; nothing is written into the repository.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import glob
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+from zipper_cli.atomic import read_jsonl  # noqa: E402
+from zipper_cli.audio import read_audio  # noqa: E402
+from zipper_cli.ctc_judge import CTCJudgeConfig, train_ctc_judge  # noqa: E402
+from zipper_cli.metrics import score  # noqa: E402
+
+
+def _flag_type(field: dataclasses.Field):
+    return {"int": int, "float": float, "str": str}[field.type if isinstance(field.type, str) else field.type.__name__]
+
+
+def main() -> None:
+    demo = sorted(glob.glob("/tmp/zipper-cache-demo/demo-*/manifest.jsonl"))
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--manifest", default=demo[0] if demo else None,
+                    help="JSONL rows with id, role (aligned/dev/test), text, audio [, start, end]")
+    ap.add_argument("--out", default="/tmp/ctc-judge-measure", help="judge directory (reused when finished)")
+    ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    ap.add_argument("--fresh", action="store_true", help="delete --out first")
+    ap.add_argument("--train-limit", type=int, default=0, help="use only the first N aligned utterances")
+    ap.add_argument("--pocketsphinx", action="store_true", help="also score the test audio with pocketsphinx")
+    for f in dataclasses.fields(CTCJudgeConfig):
+        ap.add_argument("--" + f.name.replace("_", "-"), type=_flag_type(f), default=None)
+    args = ap.parse_args()
+    if not args.manifest:
+        sys.exit("measure_ctc_judge: no --manifest given and no demo corpus cached under /tmp/zipper-cache-demo")
+    torch.set_num_threads(args.threads)
+    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(CTCJudgeConfig) if getattr(args, f.name) is not None}
+    cfg = CTCJudgeConfig(**overrides)
+    cfg.validate()
+
+    rows = read_jsonl(args.manifest)
+    base = Path(args.manifest).parent
+
+    def load(role: str, limit: int = 0):
+        rs = [r for r in rows if r.get("role") == role and r.get("audio") and r.get("text")]
+        if limit:
+            rs = rs[:limit]
+        out = []
+        for r in rs:
+            path = r["audio"] if Path(r["audio"]).is_absolute() else str(base / r["audio"])
+            out.append((read_audio(path, start=r.get("start"), end=r.get("end")), r["text"]))
+        return out
+
+    t0 = time.time()
+    train, dev, test = load("aligned", args.train_limit), load("dev"), load("test")
+    read_seconds = time.time() - t0
+    out = Path(args.out)
+    if args.fresh and out.exists():
+        shutil.rmtree(out)
+    log_lines: list[str] = []
+
+    def log(msg: str) -> None:
+        log_lines.append(msg)
+        print(msg, file=sys.stderr, flush=True)
+
+    judge = train_ctc_judge(train, dev, cfg, out, log=log)
+    meta = judge.meta
+
+    def evaluate(pairs):
+        wavs = [w for w, _ in pairs]
+        audio_s = sum(w.size for w in wavs) / 16000
+        t = time.time()
+        hyps = judge.transcribe_many(wavs)
+        batched = time.time() - t
+        s = score([t for _, t in pairs], hyps)
+        return {"wer": round(s.wer, 4), "cer": round(s.cer, 4), "utterances": s.utterances,
+                "audio_seconds": round(audio_s, 1), "rtf_batched": round(batched / audio_s, 5)}, hyps
+
+    dev_score, _ = evaluate(dev)
+    test_score, test_hyps = evaluate(test)
+    t = time.time()
+    single = [judge.transcribe(w) for w, _ in test[:50]]
+    single_s = time.time() - t
+    test_score["rtf_single"] = round(single_s / (sum(w.size for w, _ in test[:50]) / 16000), 5)
+    test_score["single_equals_batched"] = single == test_hyps[:50]
+    errors = [(r, h) for (_, r), h in zip(test, test_hyps) if " ".join(r.lower().split()) != h][:8]
+    result = {"manifest": args.manifest, "threads": args.threads, "config": cfg.to_dict(), "version": judge.version,
+              "params": meta["params"], "train_utterances": meta["train_utterances"], "train_hours": meta["train_hours"],
+              "train_seconds": meta["train_seconds"], "feature_seconds": meta["feature_seconds"],
+              "epochs": meta["epochs"], "read_seconds": round(read_seconds, 1), "dev": dev_score, "test": test_score,
+              "example_test_errors": [{"ref": r, "hyp": h} for r, h in errors]}
+    if args.pocketsphinx:
+        from zipper_cli.judges import PocketsphinxJudge
+
+        ps = PocketsphinxJudge()
+        t = time.time()
+        ps_hyps = ps.transcribe_many([w for w, _ in test])
+        s = score([t for _, t in test], ps_hyps)
+        result["pocketsphinx_test"] = {"wer": round(s.wer, 4), "cer": round(s.cer, 4),
+                                       "rtf": round((time.time() - t) / test_score["audio_seconds"], 5)}
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

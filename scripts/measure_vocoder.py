@@ -1,0 +1,177 @@
+#!/usr/bin/env python
+"""Measure the unit vocoder's intelligibility with the pocketsphinx judge; prints one JSON result.
+
+  1. fit a mel-kmeans speech tokenizer (default K=512, 25 Hz) on the corpus's speech + aligned audio
+     (cached in --work-dir by its settings),
+  2. train the unit vocoder on (units, audio) pairs of those roles (cached/resumed in --work-dir),
+  3. on held-out test utterances (Festival voices only by default), judge with pocketsphinx:
+       original   the test audio itself
+       gl_true    Griffin-Lim from the audio's true (unquantised) log-mel
+       vocoder    the vocoder from the gold units (the audio's own units)
+     and report each WER, the ratio vocoder/original against --target (1.3), training time and the
+     resynthesis real-time factor.
+
+Example (the demo corpus cached by `zipper tokenize --corpus demo`):
+  .venv/bin/python scripts/measure_vocoder.py --corpus /tmp/zipper-cache-demo/demo-d5677c937c3b
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from zipper_cli.audio import read_audio  # noqa: E402
+from zipper_cli.judges import PocketsphinxJudge, wer  # noqa: E402
+from zipper_cli.speech_tokenizer import SpeechTokenizer, SpeechTokenizerConfig, fit_speech_tokenizer, log_mel  # noqa: E402
+from zipper_cli.vocoder import VocoderConfig, griffin_lim, train_vocoder  # noqa: E402
+
+
+def parse_args() -> argparse.Namespace:
+    d = VocoderConfig()
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--corpus", required=True, help="directory with manifest.jsonl (id, role, text, audio)")
+    p.add_argument("--work-dir", default="/tmp/zipper-measure-vocoder", help="tokenizer and vocoder cache")
+    p.add_argument("--k", type=int, default=512, help="k-means units")
+    p.add_argument("--frame-rate", type=int, default=25, choices=(100, 50, 25), help="unit rate (Hz)")
+    p.add_argument("--train-utts", type=int, default=3000, help="speech+aligned utterances for the vocoder")
+    p.add_argument("--fit-utts", type=int, default=6000, help="speech+aligned utterances the tokenizer reads")
+    p.add_argument("--test-utts", type=int, default=40, help="held-out test utterances to judge")
+    p.add_argument("--all-voices", action="store_true", help="judge espeak test voices too (default: Festival only)")
+    p.add_argument("--steps", type=int, default=d.steps)
+    p.add_argument("--channels", type=int, default=d.channels)
+    p.add_argument("--layers", type=int, default=d.layers)
+    p.add_argument("--kernel-size", type=int, default=d.kernel_size)
+    p.add_argument("--dilations", default=",".join(map(str, d.dilations)), help="comma-separated, e.g. 1,2,4")
+    p.add_argument("--post-layers", type=int, default=d.post_layers)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--segment-seconds", type=float, default=d.segment_seconds)
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--gl-iters", type=int, default=d.gl_iters)
+    p.add_argument("--gl-momentum", type=float, default=d.gl_momentum)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2, help="torch threads")
+    p.add_argument("--skip-gl-true", action="store_true", help="do not judge Griffin-Lim from the true log-mel")
+    p.add_argument("--dump", help="also write per-utterance transcripts to this JSONL file")
+    return p.parse_args()
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def main() -> None:
+    a = parse_args()
+    torch.set_num_threads(a.threads)
+    corpus = Path(a.corpus)
+    rows = [json.loads(x) for x in (corpus / "manifest.jsonl").read_text().splitlines() if x.strip()]
+    for r in rows:
+        if r.get("audio") and not Path(r["audio"]).is_absolute():
+            r["audio"] = str(corpus / r["audio"])
+    train_rows = sorted((r for r in rows if r["role"] in ("speech", "aligned") and r.get("audio")), key=lambda r: r["id"])
+    rng = np.random.default_rng(a.seed)
+    train_rows = [train_rows[i] for i in rng.permutation(len(train_rows))]
+    test_rows = [r for r in rows if r["role"] == "test" and r.get("audio") and r.get("text")
+                 and (a.all_voices or not str(r.get("speaker") or "").startswith("espeak"))][:a.test_utts]
+    if not train_rows or not test_rows:
+        sys.exit(f"{corpus}: need speech/aligned audio and test rows with text")
+    work = Path(a.work_dir)
+
+    # 1. speech tokenizer (cached by its settings and the utterances it read)
+    tcfg = SpeechTokenizerConfig(k=a.k, frame_rate=a.frame_rate, seed=a.seed)
+    fit_rows = train_rows[:a.fit_utts]
+    tok_dir = work / f"tok-k{a.k}-r{a.frame_rate}-n{len(fit_rows)}-s{a.seed}"
+    t0 = time.time()
+    if (tok_dir / "tokenizer.json").exists():
+        tok = SpeechTokenizer.load(tok_dir)
+        log(f"tokenizer: loaded {tok_dir}")
+    else:
+        tok = fit_speech_tokenizer(tcfg, (read_audio(r["audio"]) for r in fit_rows), log=log)
+        tok.save(tok_dir)
+    tok_seconds = time.time() - t0
+
+    # 2. vocoder
+    vcfg = VocoderConfig(vocab_size=tok.vocab_size, frame_rate=float(tok.frame_rate), n_mels=tcfg.n_mels,
+                         channels=a.channels, layers=a.layers, kernel_size=a.kernel_size,
+                         dilations=tuple(int(x) for x in a.dilations.split(",")), post_layers=a.post_layers,
+                         steps=a.steps, lr=a.lr, batch_size=a.batch_size, segment_seconds=a.segment_seconds,
+                         gl_iters=a.gl_iters, gl_momentum=a.gl_momentum, seed=a.seed)
+    vcfg.validate()
+    t0 = time.time()
+    pairs = []
+    for r in train_rows[:a.train_utts]:
+        wav = read_audio(r["audio"])
+        pairs.append((tok.encode(wav), wav))
+    encode_seconds = time.time() - t0
+    tag = "-".join(f"{k}{v}" for k, v in sorted(dataclasses.asdict(vcfg).items())
+                   if k not in ("gl_iters", "gl_momentum", "vocab_size", "n_mels", "save_every", "max_utterances"))
+    voc_dir = tok_dir / ("voc-" + tag.replace(" ", "").replace("(", "").replace(")", "").replace(",", "_")
+                         + f"-n{len(pairs)}")
+    t0 = time.time()
+    model = train_vocoder(pairs, vcfg, voc_dir, log)
+    train_seconds = time.time() - t0
+    model_meta = json.loads((voc_dir / "config.json").read_text())
+    del pairs
+
+    # 3. judge
+    judge = PocketsphinxJudge()
+    wavs = [read_audio(r["audio"]) for r in test_rows]
+    refs = [r["text"] for r in test_rows]
+    audio_seconds = sum(w.size for w in wavs) / 16000
+    units = [tok.encode(w) for w in wavs]
+    t0 = time.time()
+    mels = model.mels(units)
+    net_seconds = time.time() - t0
+    t0 = time.time()
+    voc = [griffin_lim(m, vcfg.gl_iters, vcfg.gl_momentum) for m in mels]
+    gl_seconds = time.time() - t0
+    hyp = {"original": judge.transcribe_many(wavs), "vocoder": judge.transcribe_many(voc)}
+    if not a.skip_gl_true:
+        gl_true = [griffin_lim(log_mel(w, tcfg.n_mels), vcfg.gl_iters, vcfg.gl_momentum) for w in wavs]
+        hyp["gl_true"] = judge.transcribe_many(gl_true)
+    # the vocoder's L1 on the test audio (frames aligned as in training)
+    up = vcfg.upsample
+    l1 = []
+    for w, m in zip(wavs, mels):
+        true = log_mel(w, tcfg.n_mels)
+        n = min(m.shape[0], true.shape[0] // up * up)
+        l1.append(float((m[:n] - true[:n]).abs().mean()))
+    result = {
+        "judge": judge.version,
+        "test_utterances": len(test_rows),
+        "test_audio_seconds": round(audio_seconds, 1),
+        "wer": {k: round(wer(refs, v), 4) for k, v in hyp.items()},
+        "tokenizer": {"k": a.k, "frame_rate": a.frame_rate, "fit_utterances": len(fit_rows),
+                      "seconds": round(tok_seconds, 1), "checksum": tok.checksum[:12]},
+        "vocoder": {"config": vcfg.to_dict(), "train_utterances": model_meta["utterances"],
+                    "train_hours": model_meta["hours"], "parameters": model_meta["parameters"],
+                    "receptive_field_seconds": model_meta["receptive_field_seconds"],
+                    "train_l1": model_meta["train_l1"], "test_l1": round(float(np.mean(l1)), 4),
+                    "train_seconds": round(train_seconds, 1), "encode_seconds": round(encode_seconds, 1),
+                    "dir": str(voc_dir)},
+        "rtf": {"network": round(net_seconds / audio_seconds, 4), "griffin_lim": round(gl_seconds / audio_seconds, 4),
+                "total": round((net_seconds + gl_seconds) / audio_seconds, 4),
+                "ms_per_utterance": round(1000 * (net_seconds + gl_seconds) / len(test_rows), 1)},
+        "threads": a.threads,
+    }
+    result["ratio_vocoder_to_original"] = round(result["wer"]["vocoder"] / max(result["wer"]["original"], 1e-9), 3)
+    result["target_ratio"] = 1.3
+    result["meets_target"] = result["ratio_vocoder_to_original"] <= 1.3
+    if a.dump:
+        with open(a.dump, "w") as f:
+            for i, r in enumerate(test_rows):
+                f.write(json.dumps({"id": r["id"], "speaker": r.get("speaker"), "text": r["text"],
+                                    **{k: v[i] for k, v in hyp.items()}}) + "\n")
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
