@@ -13,18 +13,20 @@ import torch
 
 
 def make_batches(lengths: list[int], max_tokens: int, seed: int, epoch: int, bucket_chunk: int = 4096,
-                 shuffle: bool = True) -> list[list[int]]:
+                 shuffle: bool = True, groups: list[int] | None = None) -> list[list[int]]:
     """Index lists, each a batch whose len(batch) * max length <= max_tokens (a longer single sequence
-    gets a batch of its own)."""
+    gets a batch of its own). With `groups`, a batch never mixes groups (e.g. ASR and TTS examples)."""
     rng = np.random.default_rng([seed, epoch])
     order = rng.permutation(len(lengths)) if shuffle else np.arange(len(lengths))
+    key = (lambda i: lengths[i]) if groups is None else (lambda i: (groups[i], lengths[i]))
     batches = []
     for start in range(0, len(order), bucket_chunk):
-        chunk = sorted(order[start:start + bucket_chunk], key=lambda i: lengths[i])
+        chunk = sorted(order[start:start + bucket_chunk], key=key)
         batch, longest = [], 0
         for i in chunk:
             longest_if = max(longest, lengths[i])
-            if batch and longest_if * (len(batch) + 1) > max_tokens:
+            new_group = groups is not None and batch and groups[batch[-1]] != groups[i]
+            if batch and (new_group or longest_if * (len(batch) + 1) > max_tokens):
                 batches.append(batch)
                 batch, longest_if = [], lengths[i]
             batch.append(int(i))

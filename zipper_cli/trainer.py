@@ -214,10 +214,11 @@ def optimizer_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 def train(out_dir: Path, model: torch.nn.Module, train_examples: Sequence, dev_examples: Sequence,
           lengths: list[int], loss_fn: LossFn, cfg: TrainConfig, log=console_log,
-          extra_metrics: Callable[[torch.nn.Module], dict] | None = None) -> dict:
+          extra_metrics: Callable[[torch.nn.Module], dict] | None = None, groups: list[int] | None = None) -> dict:
     """Train `model` in place, checkpointing under out_dir/ckpt; returns the final summary.
 
-    `lengths[i]` is the padded-cost length of train_examples[i] (for the token budget).
+    `lengths[i]` is the padded-cost length of train_examples[i] (for the token budget); batches never
+    mix examples of different `groups` (fusion keeps ASR and TTS apart to skip masked-out compute).
     """
     cfg.validate()
     device = resolve_device(cfg)
@@ -251,7 +252,7 @@ def train(out_dir: Path, model: torch.nn.Module, train_examples: Sequence, dev_e
     stop = _Stop()
     old_handlers = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
     metrics_path = out_dir / "metrics.jsonl"
-    batches = make_batches(lengths, cfg.max_tokens, cfg.seed, epoch)
+    batches = make_batches(lengths, cfg.max_tokens, cfg.seed, epoch, groups=groups)
     if not batches:
         raise ZipperError("no training examples")
     last_dev = None
@@ -265,7 +266,7 @@ def train(out_dir: Path, model: torch.nn.Module, train_examples: Sequence, dev_e
                 while len(step_batches) < cfg.grad_accum:
                     if batch_pos >= len(batches):
                         epoch, batch_pos = epoch + 1, 0
-                        batches = make_batches(lengths, cfg.max_tokens, cfg.seed, epoch)
+                        batches = make_batches(lengths, cfg.max_tokens, cfg.seed, epoch, groups=groups)
                     step_batches.append(batches[batch_pos])
                     batch_pos += 1
                 for group in opt.param_groups:
@@ -346,7 +347,9 @@ def evaluate(model, examples: Sequence, loss_fn: LossFn, cfg: TrainConfig, devic
     lengths = [len(e) if hasattr(e, "__len__") else 1 for e in examples]
     total = torch.zeros(2, dtype=torch.float64, device=device)
     mine = list(range(d.rank, len(examples), d.world))
-    for batch in make_batches([lengths[i] for i in mine], cfg.max_tokens, 0, 0, shuffle=False):
+    tasks = [getattr(examples[i], "task", "") for i in mine]  # keep fusion tasks apart, as in training
+    groups = [sorted(set(tasks)).index(t) for t in tasks]
+    for batch in make_batches([lengths[i] for i in mine], cfg.max_tokens, 0, 0, shuffle=False, groups=groups):
         with autocast_for(cfg, device):
             s, n = loss_fn(model.module if hasattr(model, "module") else model, [examples[mine[j]] for j in batch], device)
         total[0] += s.double()

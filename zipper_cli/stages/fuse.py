@@ -244,7 +244,8 @@ def _fuse(run_dir: Path, cfg: FuseConfig, tag: str, out: Path, tok: dict, stage,
             f"{len(aligned)} aligned utterances -> {sum(e.task == ASR for e in train_ex)} ASR + "
             f"{sum(e.task == TTS for e in train_ex)} TTS examples")
     summary = train(out, model, train_ex, dev_ex[ASR] + dev_ex[TTS], [len(e) for e in train_ex], loss_fn, cfg.train,
-                    log=log if d.main else (lambda *_: None), extra_metrics=per_direction)
+                    log=log if d.main else (lambda *_: None), extra_metrics=per_direction,
+                    groups=[int(e.task == TTS) for e in train_ex])
     if not d.main:
         return summary
     with atomic_path(out / "model.pt") as tmp:
