@@ -27,14 +27,19 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
-def _median_time(fn, repeats: int) -> float:
-    fn()  # warm-up (allocator, oneDNN kernels)
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
+def _interleaved_medians(fns: dict, repeats: dict) -> dict:
+    """Median seconds of each fn, the runs interleaved round-robin so that load changes on a shared
+    machine hit every contender alike. Each fn runs once first as a warm-up (allocator, kernels)."""
+    for fn in fns.values():
         fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    times: dict = {k: [] for k in fns}
+    for i in range(max(repeats.values())):
+        for k, fn in fns.items():
+            if i < repeats[k]:
+                t = time.perf_counter()
+                fn()
+                times[k].append(time.perf_counter() - t)
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def _hf_model(tower_cfg):
@@ -71,16 +76,17 @@ def bench_decode(args) -> dict:
         # Prompt = [bos] + pieces: args.prompt tokens in all (pieces avoid the specials 0..3).
         prompts = torch.randint(4, tcfg.vocab_size, (batch, args.prompt - 1), generator=g).tolist()
         row: dict = {"batch": batch}
-        for name, use_cache, reps in (("cached", True, args.repeats), ("uncached", False, args.repeats_uncached)):
+        fns, reps = {}, {}
+        for name, use_cache, n in (("cached", True, args.repeats), ("uncached", False, args.repeats_uncached)):
             cfg = GenerationConfig(max_new_tokens=args.new, min_new_tokens=args.new, batch_size=batch,
                                    use_cache=use_cache)
-            res = []
-            sec = _median_time(lambda: res.append(gen.generate(prompts, cfg=cfg)), reps)
-            assert all(len(r.tokens[0]) == args.new for r in res[-1])
-            row[f"{name}_tok_s"] = batch * args.new / sec
-        if hf is None:
-            row["transformers_tok_s"] = "skipped (transformers not importable)"
-        else:
+
+            def run_ours(cfg=cfg):
+                res = gen.generate(prompts, cfg=cfg)
+                assert all(len(r.tokens[0]) == args.new for r in res)
+
+            fns[name], reps[name] = run_ours, n
+        if hf is not None:
             ids = torch.tensor([[2] + p for p in prompts])
             mask = torch.ones_like(ids)
 
@@ -90,9 +96,16 @@ def bench_decode(args) -> dict:
                                     min_new_tokens=args.new, do_sample=False, use_cache=True, num_beams=1)
                 assert o.shape[1] == args.prompt + args.new
 
-            row["transformers_tok_s"] = batch * args.new / _median_time(run_hf, args.repeats)
-            row["ours_over_transformers"] = row["cached_tok_s"] / row["transformers_tok_s"]
-        row["cached_over_uncached"] = row["cached_tok_s"] / row["uncached_tok_s"]
+            fns["transformers"], reps["transformers"] = run_hf, args.repeats
+        sec = _interleaved_medians(fns, reps)
+        for name in ("cached", "uncached", "transformers"):
+            if name in sec:
+                row[f"{name}_tok_s"] = round(batch * args.new / sec[name], 1)
+        if hf is None:
+            row["transformers_tok_s"] = "skipped (transformers not importable)"
+        else:
+            row["ours_over_transformers"] = round(row["cached_tok_s"] / row["transformers_tok_s"], 2)
+        row["cached_over_uncached"] = round(row["cached_tok_s"] / row["uncached_tok_s"], 2)
         out["rows"].append(row)
     return out
 

@@ -2,7 +2,7 @@
 """Measure the CTC judge on a corpus manifest: train on the aligned role, score dev and test, time it.
 
   .venv/bin/python scripts/measure_ctc_judge.py [--manifest /tmp/zipper-cache-demo/demo-*/manifest.jsonl]
-      [--out /tmp/ctc-judge-measure] [--threads 2] [--steps 1200] [--lr 2e-3] [--encoder gru] ...
+      [--out /tmp/ctc-judge-measure] [--threads 2] [--steps 1200] [--lr 2e-3] [--layers 6] ...
 
 Every CTCJudgeConfig field is a flag (--time-masks 0 turns SpecAugment's time masks off, ...).
 Prints one JSON object: config, parameters, training time, dev and test WER/CER, the real-time factor

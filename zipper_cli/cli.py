@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -85,10 +86,6 @@ def tokenize(
     run(run_dir, cfg, force=force)
 
 
-def _not_built(verb: str, issue: str):
-    raise ZipperError(f"`zipper {verb}` is not built yet ({issue}); nothing was run")
-
-
 # Optimisation options shared by pretrain and fuse.
 Steps = typer.Option(1000, "--steps", help="Optimizer steps.")
 Lr = typer.Option(1e-3, "--lr", help="Peak learning rate (warmup, then cosine decay to 10%).")
@@ -154,6 +151,7 @@ def fuse(
     input_proj: str = typer.Option("text,speech", help="Towers with input projections, or 'none'."),
     proj_layers: int = typer.Option(3, help="Depth of the ReLU MLPs."),
     dropout: float = typer.Option(0.0, help="Dropout in the fusion blocks."),
+    gate_lr_mult: float = typer.Option(1.0, "--gate-lr-mult", help="LR multiplier of the tanh gates (start at 0)."),
     steps: int = Steps, lr: float = Lr, warmup: int = Warmup, grad_clip: float = GradClip, grad_accum: int = GradAccum,
     max_tokens: int = MaxTokens, eval_every: int = EvalEvery, ckpt_every: int = CkptEvery, keep_last: int = KeepLast,
     seed: int = Seed, precision: str = Precision, device: str = Device,
@@ -165,21 +163,76 @@ def fuse(
     cfg = FuseConfig(arch=arch, tag=tag, freeze=freeze, aligned_fraction=aligned_fraction, aligned_count=aligned_count,
                      subset_seed=subset_seed, task_mix=task_mix, n_cross=n_cross, input_proj=input_proj,
                      proj_layers=proj_layers, dropout=dropout,
-                     train=_train_config(steps, lr, warmup, grad_clip, grad_accum, max_tokens, eval_every,
-                                         ckpt_every, keep_last, seed, precision, device))
+                     train=dataclasses.replace(_train_config(steps, lr, warmup, grad_clip, grad_accum, max_tokens,
+                                                             eval_every, ckpt_every, keep_last, seed, precision, device),
+                                               scalar_lr_mult=gate_lr_mult))
     run(run_dir, cfg, force=force)
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def decode(ctx: typer.Context):
+@app.command()
+def decode(
+    run_dir: Path = RunDir,
+    model: str = typer.Option("", "--model", help="fused/TAG or towers/text|speech (default: the only fused model)."),
+    outputs: str = typer.Option("text", "--outputs", help="text (ASR) | speech (TTS) | text,speech ..."),
+    split: Optional[str] = typer.Option(None, "--split", help="dev | test (default test unless --wav/--text)."),
+    wav: List[Path] = typer.Option([], "--wav", help="Your own audio file(s): speech in."),
+    text: List[str] = typer.Option([], "--text", help="Your own sentence(s): text in."),
+    text_file: Optional[Path] = typer.Option(None, "--text-file", help="One sentence per line: text in."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N utterances of the split."),
+    tag: Optional[str] = typer.Option(None, "--tag", help="Name under decode/."),
+    strategy: str = typer.Option("greedy", "--strategy", help="greedy | sample | beam."),
+    beam: int = typer.Option(4, "--beam", help="Beams for --strategy beam (1 == greedy)."),
+    length_penalty: float = typer.Option(0.6, "--length-penalty", help="GNMT length penalty alpha."),
+    temperature: float = typer.Option(1.0, "--temperature"),
+    top_k: int = typer.Option(0, "--top-k", help="0 = all tokens."),
+    top_p: float = typer.Option(1.0, "--top-p"),
+    seed: int = typer.Option(0, "--seed", help="Sampling seed."),
+    max_len_ratio: str = typer.Option("text=0.5,speech=10", "--max-len-ratio",
+                                      help="Max output tokens per input token, per output modality."),
+    max_len_min: str = typer.Option("text=10,speech=50", "--max-len-min", help="Floor of the maximum lengths."),
+    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", help="Fixed maximum per output."),
+    batch_size: int = typer.Option(16, "--batch-size"),
+    cache: bool = typer.Option(True, "--cache/--no-cache", help="KV caches (off: recompute every step)."),
+    vocoder_steps: Optional[int] = typer.Option(None, "--vocoder-steps",
+                                                help="Unit vocoder training steps, if the run has no vocoder yet."),
+    force: bool = Force,
+):
     """Generate modality sequences: [text] for ASR, [speech] for TTS, [text, speech] ..."""
-    _not_built("decode", "see the issue 'zipper decode'")
+    from .generate import GenerationConfig, parse_modality_map
+    from .stages.decode import DecodeConfig, decode as run
+
+    texts = list(text)
+    if text_file is not None:
+        try:
+            texts += [line.strip() for line in text_file.read_text(encoding="utf-8").splitlines() if line.strip()]
+        except (OSError, UnicodeDecodeError) as e:
+            raise ZipperError(f"--text-file {text_file}: cannot read it ({e})") from None
+    gen = GenerationConfig(strategy=strategy, beam=beam, length_penalty=length_penalty, temperature=temperature,
+                           top_k=top_k, top_p=top_p, seed=seed,
+                           max_len_ratio=parse_modality_map(max_len_ratio, "--max-len-ratio"),
+                           max_len_min=parse_modality_map(max_len_min, "--max-len-min", cast=int),
+                           max_new_tokens=max_new_tokens, batch_size=batch_size, use_cache=cache)
+    cfg = DecodeConfig(model=model, outputs=outputs, split=split, wavs=tuple(str(w) for w in wav), texts=tuple(texts),
+                       limit=limit, tag=tag, vocoder_steps=vocoder_steps, gen=gen)
+    run(run_dir, cfg, force=force)
 
 
-@app.command(name="eval", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def eval_(ctx: typer.Context):
-    """ASR WER/CER, TTS WER through a vocoder and an ASR judge, text perplexity, reports."""
-    _not_built("eval", "see the issue 'zipper eval'")
+@app.command(name="eval")
+def eval_(
+    run_dir: Path = RunDir,
+    decode_tags: List[str] = typer.Option([], "--decode", help="decode/TAG outputs to score; repeatable."),
+    judges: str = typer.Option("ctc,pocketsphinx", "--judges", help="ASR judges for TTS audio."),
+    tag: Optional[str] = typer.Option(None, "--tag", help="Name under eval/."),
+    perplexity: bool = typer.Option(True, "--perplexity/--no-perplexity", help="Text perplexity rows."),
+    judge_steps: Optional[int] = typer.Option(None, "--judge-steps", help="CTC judge training steps, if none is trained yet."),
+    force: bool = Force,
+):
+    """ASR WER/CER, TTS WER through the vocoder and ASR judges, text perplexity; report.json/.md + plots."""
+    from .stages.evaluate import EvalConfig, evaluate_run
+
+    cfg = EvalConfig(decode=tuple(decode_tags), judges=tuple(j.strip() for j in judges.split(",") if j.strip()),
+                     tag=tag, perplexity=perplexity, judge_steps=judge_steps)
+    evaluate_run(run_dir, cfg, force=force)
 
 
 def main() -> None:

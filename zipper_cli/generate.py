@@ -504,7 +504,7 @@ def _sample_loop(gen, plan, engine, rows, cfg, return_logits) -> list[_Row]:
             lps = lp.gather(1, c[:, None])[:, 0].tolist()
             for j, (r, t) in enumerate(zip(group, c.tolist())):
                 if return_logits:
-                    r.logits.append(raw[j].float().cpu())
+                    r.logits.append(raw[j].cpu())
                 _apply(plan, gen, r, t, lps[j])
         if all(r.done for r in rows):
             return rows

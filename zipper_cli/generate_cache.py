@@ -39,8 +39,9 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 
-from zipper_cli.models.tower import Tower
+from zipper_cli.models.tower import Tower, apply_rope
 from zipper_cli.models.zipper import Zipper, pair_key
 
 INF = 1 << 40  # order of a slot holding nothing real: never < any real order
@@ -66,6 +67,75 @@ def _group(items: Items, order: list[int]):
     return groups, last
 
 
+class _Step:
+    """Rope, cache positions and attention mask of one cached step of a tower, from the positions (host
+    lists, [B][T]). Attention reads only the first L = max position + 1 cache slots. When every row
+    writes the same positions, positions are [T] and a single query needs no mask at all (it may attend
+    to every slot < L); otherwise the mask is "slot <= query position" per row, as in Tower.block_inputs."""
+
+    def __init__(self, tower: Tower, pos: list[list[int]], device):
+        T = len(pos[0])
+        self.L = max(max(p) for p in pos) + 1
+        uniform = all(p == pos[0] for p in pos)
+        self.pos = torch.tensor(pos[0] if uniform else pos, dtype=torch.long).to(device, non_blocking=True)
+        lead = (1, 1) if uniform else (len(pos), 1)
+        self.cos = tower.rope_cos[self.pos].view(*lead, T, -1)  # [1|B, 1, T, hd/2]
+        self.sin = tower.rope_sin[self.pos].view(*lead, T, -1)
+        if uniform and T == 1:
+            self.mask = None
+        else:
+            slots = torch.arange(self.L, device=device)
+            self.mask = (slots <= self.pos.unsqueeze(-1)).view(*lead, T, self.L)
+        self.B, self.T, self._index = len(pos), T, None
+
+    def index(self, H: int, hd: int) -> torch.Tensor:
+        """Scatter index [B, H, T, hd] of the new keys/values into a cache [B, H, S, hd]."""
+        if self._index is None:
+            self._index = self.pos.view(-1, 1, self.T, 1).expand(self.B, H, self.T, hd)
+        return self._index
+
+
+def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """tower.RMSNorm without the module call (fp32: one fused op; else the module's own formula)."""
+    if x.dtype == torch.float32 and weight.dtype == torch.float32:
+        return F.rms_norm(x, (x.shape[-1],), weight, eps)
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).type_as(x) * weight
+
+
+def _block_step(block, x: torch.Tensor, st: _Step) -> torch.Tensor:
+    """Block.forward(x, rope, mask, input_pos) with a KV cache, for inference: the same computation, with
+    plain functional calls (decode steps are small: module-call overhead would be a large share) and
+    attention over the first st.L cache slots only (the other slots are masked out there anyway)."""
+    a = block.attn
+    B, T, C = x.shape
+    hd, H, Hkv = a.head_dim, a.n_head, a.n_kv_head
+    qkv = F.linear(_rms(x, block.norm1.weight, block.norm1.eps), a.qkv.weight)
+    qk = apply_rope(qkv[..., :(H + Hkv) * hd].view(B, T, H + Hkv, hd).transpose(1, 2), st.cos, st.sin)
+    q, k = qk.split([H, Hkv], dim=1)
+    v = qkv[..., (H + Hkv) * hd:].view(B, T, Hkv, hd).transpose(1, 2)
+    cache = a.kv_cache
+    if cache.k.shape[0] != B:
+        raise RuntimeError(f"batch {B} does not match the KV cache batch {cache.k.shape[0]}")
+    idx = st.index(Hkv, hd)
+    cache.k.scatter_(2, idx, k.to(cache.k.dtype))
+    cache.v.scatter_(2, idx, v.to(cache.v.dtype))
+    kc, vc = cache.k[:, :, :st.L], cache.v[:, :, :st.L]
+    if kc.dtype != q.dtype:
+        kc, vc = kc.to(q.dtype), vc.to(q.dtype)
+    if Hkv != H:
+        kc, vc = kc.repeat_interleave(H // Hkv, dim=1), vc.repeat_interleave(H // Hkv, dim=1)
+    y = F.scaled_dot_product_attention(q, kc, vc, attn_mask=st.mask)
+    x = x + F.linear(y.transpose(1, 2).reshape(B, T, H * hd), a.proj.weight)
+    mlp = block.mlp
+    h = _rms(x, block.norm2.weight, block.norm2.eps)
+    return x + F.linear(F.silu(F.linear(h, mlp.gate.weight)) * F.linear(h, mlp.up.weight), mlp.proj.weight)
+
+
+def _head(tower: Tower, h: torch.Tensor) -> torch.Tensor:
+    return F.linear(_rms(h, tower.norm_f.weight, tower.norm_f.eps), tower.wte.weight)
+
+
 class _CachedBase:
     """Bookkeeping shared by the cached engines: next position per tower and row, linear order per row."""
 
@@ -82,7 +152,8 @@ class _CachedBase:
         self.order = [0] * B
 
     def _tensors(self, n: str, rows: list[list[tuple[int, int]]]):
-        """Per row [(token, order)] for tower n -> tokens, pos, col, order [B, T]; advances positions."""
+        """Per row [(token, order)] for tower n -> tokens [B, T], the step's rope/mask/positions (_Step),
+        col and order [B, T] (cross-attention cache columns and linear orders); advances positions."""
         T = max(len(r) for r in rows)
         S, nxt = self.S[n], self.next[n]
         tok, pos, col, ordl = [], [], [], []
@@ -91,17 +162,15 @@ class _CachedBase:
             for t, o in its:
                 tok.append(t)
                 ordl.append(o)
-            pos += range(p, p + k)
+            pos.append(list(range(p, p + k)) + [min(p + i, S - 1) for i in range(k, T)])
             col += range(p, p + k)
-            for i in range(k, T):  # padding: a scratch write that is never attended
-                tok.append(0)
-                pos.append(min(p + i, S - 1))
-                col.append(S)
-                ordl.append(INF)
+            tok += [0] * (T - k)  # padding: a scratch write that is never attended
+            col += [S] * (T - k)
+            ordl += [INF] * (T - k)
             nxt[r] = p + k
-        shape = (len(rows), T)
-        mk = lambda xs: torch.tensor(xs, dtype=torch.long).view(shape).to(self.device, non_blocking=True)  # noqa: E731
-        return mk(tok), mk(pos), mk(col), mk(ordl)
+        B = len(rows)
+        mk = lambda xs: torch.tensor(xs, dtype=torch.long).view(B, T).to(self.device, non_blocking=True)  # noqa: E731
+        return mk(tok), _Step(self.towers[n], pos, self.device), mk(col), mk(ordl)
 
     def reorder(self, index) -> None:
         idx = torch.as_tensor(index, dtype=torch.long, device=self.device)
@@ -136,13 +205,12 @@ class TowerCache(_CachedBase):
     @torch.inference_mode()
     def feed(self, items: Items):
         groups, last = _group(items, self.order)
-        tokens, pos, _, _ = self._tensors(self.name, groups[self.name])
+        tokens, st, _, _ = self._tensors(self.name, groups[self.name])
         t = self.tower
-        x = t.embed(tokens)
-        rope, mask = t.block_inputs(tokens.shape[1], pos)
+        x = F.embedding(tokens, t.wte.weight)
         for block in t.blocks:
-            x = block(x, rope, mask, pos)
-        logits = t.head(_gather_last(x, last, self.name))[:, 0]
+            x = _block_step(block, x, st)
+        logits = _head(t, _gather_last(x, last, self.name))[:, 0]
         return [li[0] if li else None for li in last], {self.name: logits}
 
 
@@ -206,13 +274,11 @@ class ZipperCache(_CachedBase):
             for n, _, later in its:
                 need.update((y, n) for y in later if y != n)
         run = [n for n in m.cfg.towers if n in groups]
-        h, rope, mask, pos, col, order = {}, {}, {}, {}, {}, {}
+        h, st, col, order = {}, {}, {}, {}
         for n in run:
-            tokens, pos[n], col[n], order[n] = self._tensors(n, groups[n])
-            tower = self.towers[n]
-            x = tower.embed(tokens)
+            tokens, st[n], col[n], order[n] = self._tensors(n, groups[n])
+            x = F.embedding(tokens, self.towers[n].wte.weight)
             h[n] = m.input_proj[n](x) if n in m.input_proj else x
-            rope[n], mask[n] = tower.block_inputs(tokens.shape[1], pos[n])
             self.ord[n].scatter_(1, col[n], order[n])
         xmask = {(x, y): self.ord[y][:, None, :] < order[x][:, :, None] for x, y in m.pairs if x in run}
 
@@ -221,7 +287,7 @@ class ZipperCache(_CachedBase):
             for n in run:
                 stop = m.points[n][j]
                 for block in self.towers[n].blocks[done[n]:stop]:
-                    h[n] = block(h[n], rope[n], mask[n], pos[n])
+                    h[n] = _block_step(block, h[n], st[n])
                 done[n] = stop
             for y, x in m.pairs:  # write the new tokens' k/v first: the snapshot before round j's updates
                 if x in run and (y, x) in need:
@@ -237,8 +303,8 @@ class ZipperCache(_CachedBase):
         logits = {}
         for n in run:
             for block in self.towers[n].blocks[done[n]:]:
-                h[n] = block(h[n], rope[n], mask[n], pos[n])
-            logits[n] = self.towers[n].head(_gather_last(h[n], last, n))[:, 0]
+                h[n] = _block_step(block, h[n], st[n])
+            logits[n] = _head(self.towers[n], _gather_last(h[n], last, n))[:, 0]
         return [li[0] if li else None for li in last], logits
 
     def reorder(self, index) -> None:

@@ -71,6 +71,10 @@ class TrainConfig:
     """--precision: auto (bf16 autocast on CUDA, fp32 on CPU), fp32, or bf16 (autocast on CPU too)."""
     device: str = "auto"
     """--device: auto (CUDA when present), cpu or cuda."""
+    scalar_lr_mult: float = 1.0
+    """--gate-lr-mult: learning-rate multiplier for scalar parameters, i.e. Zipper's tanh gates. They start
+    at zero and Adam moves a parameter by about lr per step, so at lr 1e-3 a gate needs hundreds of steps
+    to open; short runs on small data learn faster with a larger multiplier."""
 
     def validate(self) -> None:
         checks = [(self.max_steps >= 1, f"--steps must be >= 1 (got {self.max_steps})"),
@@ -82,6 +86,7 @@ class TrainConfig:
                   (self.ckpt_every >= 1, f"--ckpt-every must be >= 1 (got {self.ckpt_every})"),
                   (self.keep_last >= 1, f"--keep-last must be >= 1 (got {self.keep_last})"),
                   (self.grad_clip >= 0, f"--grad-clip must be >= 0 (got {self.grad_clip})"),
+                  (self.scalar_lr_mult > 0, f"--gate-lr-mult must be > 0 (got {self.scalar_lr_mult})"),
                   (self.precision in ("auto", "fp32", "bf16"), f"--precision must be auto, fp32 or bf16 (got {self.precision!r})"),
                   (self.device in ("auto", "cpu", "cuda"), f"--device must be auto, cpu or cuda (got {self.device!r})")]
         for ok, msg in checks:
@@ -205,11 +210,14 @@ class _Stop:
         self.signum = signum
 
 
-def optimizer_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Decay matrices only; frozen parameters are never handed to the optimizer."""
+def optimizer_groups(model: torch.nn.Module, weight_decay: float, scalar_lr_mult: float = 1.0) -> list[dict]:
+    """Decay matrices only; scalars (gates) get their own learning-rate multiplier; frozen parameters
+    are never handed to the optimizer."""
     params = [p for p in model.parameters() if p.requires_grad]
-    return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay, "lr_mult": 1.0},
+              {"params": [p for p in params if p.dim() == 1], "weight_decay": 0.0, "lr_mult": 1.0},
+              {"params": [p for p in params if p.dim() == 0], "weight_decay": 0.0, "lr_mult": scalar_lr_mult}]
+    return [g for g in groups if g["params"]]
 
 
 def train(out_dir: Path, model: torch.nn.Module, train_examples: Sequence, dev_examples: Sequence,
@@ -226,7 +234,7 @@ def train(out_dir: Path, model: torch.nn.Module, train_examples: Sequence, dev_e
     out_dir = Path(out_dir)
     ckpt_dir = out_dir / "ckpt"
     model.to(device)
-    opt = torch.optim.AdamW(optimizer_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+    opt = torch.optim.AdamW(optimizer_groups(model, cfg.weight_decay, cfg.scalar_lr_mult), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                             fused=False, foreach=False)  # the plain loop: bitwise reproducible on CPU
     ddp = model
     if d.world > 1:
@@ -270,7 +278,7 @@ def train(out_dir: Path, model: torch.nn.Module, train_examples: Sequence, dev_e
                     step_batches.append(batches[batch_pos])
                     batch_pos += 1
                 for group in opt.param_groups:
-                    group["lr"] = lr_at(cfg, step)
+                    group["lr"] = lr_at(cfg, step) * group["lr_mult"]
                 model.train()
                 t0 = time.time()
                 n_total = sum(_count_targets(train_examples, b, loss_fn) for b in step_batches)

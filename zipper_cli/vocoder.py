@@ -5,11 +5,14 @@ the intelligibility (pocketsphinx WER 0.38 on the original audio became 0.75 for
 because one unit stands for many spectra. A non-causal dilated convolution stack over the unit
 sequence (context of about +-0.5 s by default) resolves much of that ambiguity from the neighbours.
 
-Network (UnitVocoder), all at the unit rate until the upsampling:
-  unit embedding [K, C] -> `layers` pre-norm residual blocks (LayerNorm, GELU, dilated conv k, GELU,
-  1x1 conv; dilations cycled from cfg.dilations) -> transposed conv with kernel = stride = 100/frame_rate
-  (4 for 25 Hz units: each unit gives its 4 mel frames with position-specific weights; 1 = no upsampling)
-  -> `post_layers` residual blocks at 100 Hz -> LayerNorm, 1x1 conv to n_mels un-normalised log-mel.
+Network (UnitVocoder), at the unit rate until the last step:
+  unit embedding [K, C] -> `layers` pre-norm residual blocks (RMS norm over channels, GELU, dilated
+  conv k, GELU, 1x1 conv; dilations cycled from cfg.dilations) -> RMS norm, GELU, 1x1 conv to
+  up * n_mels, read as `up` = 100/frame_rate consecutive mel frames per unit (a transposed conv with
+  kernel = stride = up: position-specific weights; 4 frames per 25 Hz unit, 2 per 50 Hz unit)
+  -> `post_layers` residual postnet blocks at 100 Hz on the mel frames (conv k, GELU, conv k) that
+  smooth the unit boundaries. The output is un-normalised log-mel (speech_tokenizer.log_mel's scale).
+  All the heavy layers run at the unit rate, which keeps training a few minutes on two CPU cores.
   Padded positions are zeroed before every convolution, so a padded batch gives exactly the output of
   each sequence alone.
 
@@ -80,10 +83,12 @@ class VocoderConfig:
     dilations: tuple[int, ...] = (1, 2, 4)
     """Dilations cycled over the unit-rate blocks. Receptive field: 1 + sum((k-1)*d) units; the default
     6 blocks x (1, 2, 4) at 25 Hz span 29 units = 1.16 s (+-0.56 s around each unit)."""
-    post_layers: int = 2
-    """Residual blocks at 100 Hz after upsampling (smooth the unit boundaries)."""
+    post_layers: int = 1
+    """Residual postnet blocks at 100 Hz on the mel frames (smooth the unit boundaries); 0 for none."""
+    post_channels: int = 128
+    """Hidden width of the postnet blocks."""
     post_kernel_size: int = 5
-    """Kernel of the 100 Hz convolutions (odd)."""
+    """Kernel of the 100 Hz postnet convolutions (odd)."""
     steps: int = 2000
     """Optimizer steps in total."""
     lr: float = 2e-3
@@ -120,6 +125,7 @@ class VocoderConfig:
             (len(self.dilations) >= 1 and all(int(d) >= 1 for d in self.dilations),
              f"dilations {list(self.dilations)}: need at least one, each >= 1"),
             (self.post_layers >= 0, f"post_layers {self.post_layers}: must be >= 0"),
+            (self.post_channels >= 1, f"post_channels {self.post_channels}: must be >= 1"),
             (self.post_kernel_size >= 1 and self.post_kernel_size % 2 == 1,
              f"post_kernel_size {self.post_kernel_size}: must be odd and >= 1"),
             (self.steps >= 1, f"steps {self.steps}: must be >= 1"),
@@ -167,11 +173,16 @@ class VocoderConfig:
 # ----------------------------------------------------------------------------- the network
 
 
-class _ChannelNorm(nn.LayerNorm):
-    """LayerNorm over the channel axis of [B, C, T]."""
+class _ChannelNorm(nn.Module):
+    """RMS norm over the channel axis of [B, C, T] (no transposes: cheap on CPU)."""
+
+    def __init__(self, channels: int, eps: float = 1e-5):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x.transpose(1, 2)).transpose(1, 2)
+        return x * torch.rsqrt(x.pow(2).mean(1, keepdim=True) + self.eps) * self.weight[:, None]
 
 
 class _ResBlock(nn.Module):
@@ -189,6 +200,21 @@ class _ResBlock(nn.Module):
         return (x + h) * mask
 
 
+class _PostBlock(nn.Module):
+    """At 100 Hz on the mel frames: mel + conv_k(gelu(conv_k(mel))) through `channels` (a postnet)."""
+
+    def __init__(self, n_mels: int, channels: int, kernel: int):
+        super().__init__()
+        self.conv1 = nn.Conv1d(n_mels, channels, kernel, padding=(kernel - 1) // 2)
+        self.conv2 = nn.Conv1d(channels, n_mels, kernel, padding=(kernel - 1) // 2)
+        nn.init.zeros_(self.conv2.weight)  # starts as the identity
+        nn.init.zeros_(self.conv2.bias)
+
+    def forward(self, mel: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        h = F.gelu(self.conv1(mel * mask)) * mask
+        return mel + self.conv2(h)
+
+
 class UnitVocoder(nn.Module):
     """Units [B, T] -> un-normalised 100 Hz log-mel [B, T * upsample, n_mels]; vocode() adds Griffin-Lim."""
 
@@ -196,16 +222,21 @@ class UnitVocoder(nn.Module):
         super().__init__()
         cfg.validate()
         self.cfg = cfg
-        c = cfg.channels
+        c, up = cfg.channels, cfg.upsample
         self.embed = nn.Embedding(cfg.vocab_size, c)
         self.pre = nn.ModuleList(_ResBlock(c, cfg.kernel_size, int(cfg.dilations[i % len(cfg.dilations)]))
                                  for i in range(cfg.layers))
-        up = cfg.upsample
-        self.up = nn.ConvTranspose1d(c, c, up, stride=up) if up > 1 else nn.Identity()
-        self.post = nn.ModuleList(_ResBlock(c, cfg.post_kernel_size, 1) for _ in range(cfg.post_layers))
         self.norm = _ChannelNorm(c)
-        self.out = nn.Conv1d(c, cfg.n_mels, 1)
+        # position-specific frames: unit t gives mel frames t*up .. t*up+up-1 (a transposed conv, kernel = stride)
+        self.out = nn.Conv1d(c, up * cfg.n_mels, 1)
         nn.init.constant_(self.out.bias, math.log(1e-3))  # a quiet start; train_vocoder sets the data mean
+        self.post = nn.ModuleList(_PostBlock(cfg.n_mels, cfg.post_channels, cfg.post_kernel_size)
+                                  for _ in range(cfg.post_layers))
+
+    def set_output_mean(self, mean_frame: torch.Tensor) -> None:
+        """Start the output at this log-mel frame [n_mels] (the training data's mean)."""
+        with torch.no_grad():
+            self.out.bias.copy_(mean_frame.float().repeat(self.upsample))
 
     @property
     def upsample(self) -> int:
@@ -216,23 +247,25 @@ class UnitVocoder(nn.Module):
         """Span of units that one output frame depends on (unit-rate blocks; the 100 Hz blocks add a little)."""
         units = 1 + sum((self.cfg.kernel_size - 1) * int(self.cfg.dilations[i % len(self.cfg.dilations)])
                         for i in range(self.cfg.layers))
-        frames = sum(self.cfg.post_kernel_size - 1 for _ in range(self.cfg.post_layers))
+        frames = 2 * (self.cfg.post_kernel_size - 1) * self.cfg.post_layers
         return units / self.cfg.frame_rate + frames / MEL_RATE
 
     def forward(self, units: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
         b, t = units.shape
+        up = self.upsample
         if lengths is None:
             lengths = torch.full((b,), t, dtype=torch.long, device=units.device)
         mask = (torch.arange(t, device=units.device)[None, :] < lengths[:, None]).unsqueeze(1).float()  # [B,1,T]
         x = self.embed(units.clamp(0, self.cfg.vocab_size - 1)).transpose(1, 2) * mask  # [B, C, T]
         for block in self.pre:
             x = block(x, mask)
-        x = self.up(x)
-        up_mask = mask.repeat_interleave(self.upsample, dim=2)
-        x = x * up_mask
-        for block in self.post:
-            x = block(x, up_mask)
-        return self.out(F.gelu(self.norm(x))).transpose(1, 2)  # [B, T*up, n_mels]
+        y = self.out(F.gelu(self.norm(x)))  # [B, up*n_mels, T]
+        mel = y.view(b, up, self.cfg.n_mels, t).permute(0, 2, 3, 1).reshape(b, self.cfg.n_mels, t * up)
+        if self.post:
+            up_mask = mask.repeat_interleave(up, dim=2)
+            for block in self.post:
+                mel = block(mel, up_mask)
+        return mel.transpose(1, 2)  # [B, T*up, n_mels]
 
     def _check_units(self, units) -> np.ndarray:
         u = np.asarray(units)
@@ -297,6 +330,20 @@ def _window() -> torch.Tensor:
     return torch.hann_window(N_FFT)
 
 
+@contextlib.contextmanager
+def _one_thread():
+    """Griffin-Lim's small FFTs gain nothing from threads, and on busy cores a second OpenMP thread
+    made it 5-50x slower (threads wait at every op's barrier); one thread is 0.04-0.08 x real time."""
+    n = torch.get_num_threads()
+    if n != 1:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if n != 1:
+            torch.set_num_threads(n)
+
+
 def griffin_lim(log_mel_frames: torch.Tensor | np.ndarray, n_iter: int = 48, momentum: float = 0.99,
                 seed: int = 0) -> np.ndarray:
     """Un-normalised log-mel [T, n_mels] at 100 Hz (speech_tokenizer.log_mel's scale) -> T * 160 samples
@@ -308,7 +355,7 @@ def griffin_lim(log_mel_frames: torch.Tensor | np.ndarray, n_iter: int = 48, mom
     t = lm.shape[0]
     if t < 2:
         return np.zeros(t * HOP, dtype=np.float32)
-    with torch.no_grad():
+    with torch.no_grad(), _one_thread():
         mel_power = (lm.clamp(max=30.0).exp() - LOG_EPS).clamp_min(0.0).t().contiguous()  # [n_mels, T]
         spec = _inverse_mel(lm.shape[1])(mel_power)  # [201, T] power spectrogram
         with torch.random.fork_rng(devices=[]):
@@ -451,8 +498,7 @@ def train_vocoder(pairs: Sequence[tuple[np.ndarray, np.ndarray]], cfg: VocoderCo
         else:
             log(f"vocoder: {ckpt} was made with another config or other data; training from scratch")
     if step == 0:
-        with torch.no_grad():  # start the output at the corpus's mean log-mel frame
-            model.out.bias.copy_(torch.cat([m for _, m in data]).mean(0))
+        model.set_output_mean(torch.cat([m for _, m in data]).mean(0))  # start at the corpus's mean frame
     n_params = sum(p.numel() for p in model.parameters())
     log(f"vocoder: {n_params / 1e6:.2f}M parameters, context {model.receptive_field_seconds:.2f} s, "
         f"{cfg.steps} steps x {cfg.batch_size} segments of {cfg.segment_seconds:g} s")
@@ -485,8 +531,9 @@ def train_vocoder(pairs: Sequence[tuple[np.ndarray, np.ndarray]], cfg: VocoderCo
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
                 opt.step()
                 step += 1
-                losses.append(float(loss))
-                recent.append(float(loss))
+                loss_value = loss.item()
+                losses.append(loss_value)
+                recent.append(loss_value)
                 bar.update(task, completed=step, description=f"vocoder L1 {np.mean(recent[-50:]):.3f}")
                 if step % 100 == 0 or step == cfg.steps:
                     rate = (step - first_step) / max(time.time() - t0, 1e-9)

@@ -1,0 +1,359 @@
+"""Generation: cached == uncached, decoding == training masking, beams, batching, lengths, sampling."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from zipper_cli.errors import ZipperError
+from zipper_cli.fusion_data import Example, tower_batch
+from zipper_cli.generate import (
+    GenerationConfig,
+    SingleDecoderGenerator,
+    TowerGenerator,
+    ZipperGenerator,
+    parse_modality_map,
+)
+from zipper_cli.models.single_decoder import SingleDecoderVocab, build_single_decoder
+from zipper_cli.models.tower import Tower, tower_preset
+from zipper_cli.models.zipper import Zipper, ZipperConfig
+
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Tiny models: threads only add overhead, and on a loaded machine oversubscription is very slow.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+V_TEXT, V_SPEECH = 97, 40  # speech: 37 units
+N_UNITS = V_SPEECH - 3
+
+
+def randomize(module, std=1.0):
+    """Unit-scale weights: at the default 0.02 a random model's greedy output ignores its input."""
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if p.dim() >= 2:
+                p.normal_(0, std if "wte" in name else std / p.shape[1] ** 0.5)
+
+
+def make_zipper(seed=0, dtype=torch.float64):
+    """Tiny towers of different widths/depths, gates open (0.5) so cross-attention matters; end tokens'
+    embeddings scaled up so that some outputs end before their maximum length (seed 0: a mix).
+    float64 by default: with unit-scale weights, float32 rounding differences between the cached and the
+    uncached paths (different matmul shapes) grow to ~3e-5 on logits of magnitude ~10; in float64 the
+    comparison can be strict (the towers still normalise and rotate in float32, identically on both)."""
+    torch.manual_seed(seed)
+    text = Tower(tower_preset("tiny", V_TEXT)).eval()
+    randomize(text)
+    speech = Tower(tower_preset("tiny", V_SPEECH, n_embd=48, n_layer=3)).eval()
+    randomize(speech)
+    model = Zipper.from_towers(ZipperConfig(n_cross=2), {"text": text, "speech": speech}).eval()
+    randomize(model.fusion), randomize(model.input_proj)
+    with torch.no_grad():
+        for blocks in model.fusion:
+            for b in blocks.values():
+                b.alpha.fill_(0.5)
+                b.beta.fill_(0.5)
+        model.towers["text"].wte.weight[3] *= 2.0  # eos
+        model.towers["speech"].wte.weight[2] *= 2.5  # eoa
+    return model.to(dtype)
+
+
+@pytest.fixture(scope="module")
+def zipper():
+    return make_zipper()
+
+
+@pytest.fixture(scope="module")
+def single():
+    torch.manual_seed(1)
+    vocab = SingleDecoderVocab(V_TEXT, V_SPEECH)
+    model = build_single_decoder(Tower(tower_preset("tiny", V_TEXT)), vocab).eval()
+    randomize(model)
+    with torch.no_grad():
+        model.wte.weight[3] *= 2.0
+        model.wte.weight[V_TEXT + 2] *= 2.0
+    return model.double(), vocab
+
+
+def rand_inputs(modality, lengths, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    hi = N_UNITS if modality == "speech" else V_TEXT
+    return [torch.randint(0, hi, (n,), generator=g).tolist() for n in lengths]
+
+
+def toks(results):
+    return [[r.tolist() for r in res.tokens] for res in results]
+
+
+def assert_same(a, b, tol=1e-5):
+    """Identical tokens and flags; logits within tol."""
+    assert toks(a) == toks(b)
+    assert [r.ended for r in a] == [r.ended for r in b]
+    for x, y in zip(a, b):
+        assert len(x.logits) == len(y.logits)
+        for p, q in zip(x.logits, y.logits):
+            torch.testing.assert_close(p, q, atol=tol, rtol=0)
+
+
+CFG = GenerationConfig(max_new_tokens=10, batch_size=8)
+NOCACHE = dataclasses.replace(CFG, use_cache=False)
+
+
+# --- cached == uncached ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-5), (torch.float32, 2e-4)])
+def test_tower_continuation_cached_equals_uncached(dtype, tol):
+    torch.manual_seed(0)
+    tower = Tower(tower_preset("tiny", V_TEXT, n_kv_head=2)).eval()  # GQA too
+    randomize(tower, 2.0)
+    gen = TowerGenerator(tower.to(dtype), "text")
+    prompts = rand_inputs("text", [5, 1, 12, 0])
+    a = gen.generate(prompts, cfg=CFG, return_logits=True)
+    b = gen.generate(prompts, cfg=NOCACHE, return_logits=True)
+    assert_same(a, b, tol)
+    assert all(r.outputs == ["text"] for r in a)
+    assert any(len(set(t[0])) > 1 for t in toks(a)), "degenerate test model"
+
+
+@pytest.mark.parametrize("input_modality,outputs", [
+    ("speech", ["text"]), ("text", ["speech"]), ("speech", ["text", "speech"]), ("text", ["speech", "text"]),
+])
+def test_zipper_cached_equals_uncached(zipper, input_modality, outputs):
+    inputs = rand_inputs(input_modality, [3, 9, 14, 6, 0, 11])
+    gen = ZipperGenerator(zipper)
+    a = gen.generate(inputs, input_modality, outputs, CFG, return_logits=True)
+    b = gen.generate(inputs, input_modality, outputs, NOCACHE, return_logits=True)
+    assert_same(a, b)
+    assert len({tuple(map(tuple, t)) for t in toks(a)}) > 1, "outputs should depend on the input"
+
+
+@pytest.mark.parametrize("task", ["asr", "tts"])
+def test_single_decoder_cached_equals_uncached_and_teacher_forcing(single, task):
+    model, vocab = single
+    in_m, out_m = ("speech", "text") if task == "asr" else ("text", "speech")
+    inputs = rand_inputs(in_m, [4, 10, 0, 7])
+    gen = SingleDecoderGenerator(model, vocab)
+    a = gen.generate(inputs, in_m, [out_m], CFG, return_logits=True)
+    b = gen.generate(inputs, in_m, [out_m], NOCACHE, return_logits=True)
+    assert_same(a, b)
+    # Every step's logits are the training layout's (asr_example / tts_example) at that position.
+    for x, r in zip(inputs, a):
+        out = r.tokens[0]
+        assert out.size == 0 or (out.min() >= 0 and out.max() < (V_TEXT if out_m == "text" else N_UNITS))
+        ids, loss_mask = vocab.asr_example(x, out) if task == "asr" else vocab.tts_example(x, out)
+        with torch.no_grad():
+            full = model(torch.as_tensor(ids[:-1])[None])[0]
+        start = int(np.argmax(loss_mask)) - 1  # position of the output's begin token
+        for i, step in enumerate(r.logits):
+            torch.testing.assert_close(step, full[start + i], atol=1e-5, rtol=0)
+
+
+# --- decoding reproduces the training masking ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("task", ["asr", "tts"])
+def test_zipper_steps_equal_training_forward(zipper, task):
+    """Zipper.forward on the teacher-forced example (fusion_data.tower_batch) gives, at every output
+    position, the logits the decoder used to choose that token: the first step proves the prefill's
+    masking, the later ones the incremental cross-attention cache."""
+    in_m, out_m = ("speech", "text") if task == "asr" else ("text", "speech")
+    inputs = rand_inputs(in_m, [5, 12, 0])
+    res = ZipperGenerator(zipper).generate(inputs, in_m, [out_m], CFG, return_logits=True)
+    for x, r in zip(inputs, res):
+        out = r.tokens[0]
+        pieces, units = (out, np.asarray(x)) if task == "asr" else (np.asarray(x), out)
+        ex = Example(task, pieces, units, "u")
+        batch = {m: tower_batch([ex], m)[:3] for m in ("text", "speech")}
+        with torch.no_grad():
+            full = zipper(batch)[out_m][0]
+        assert len(r.logits) == len(out) + r.ended[0]
+        for i, step in enumerate(r.logits):
+            torch.testing.assert_close(step, full[i], atol=1e-5, rtol=0)
+
+
+# --- beams ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("input_modality,outputs", [("speech", ["text"]), ("speech", ["text", "speech"])])
+def test_beam_one_is_greedy_and_more_beams_score_higher(zipper, input_modality, outputs):
+    inputs = rand_inputs(input_modality, [3, 9, 14, 0])
+    gen = ZipperGenerator(zipper)
+    cfg = dataclasses.replace(CFG, length_penalty=0.0)
+    greedy = gen.generate(inputs, input_modality, outputs, cfg)
+    beam1 = gen.generate(inputs, input_modality, outputs, dataclasses.replace(cfg, strategy="beam", beam=1))
+    assert toks(beam1) == toks(greedy)
+    assert [r.logprob for r in beam1] == pytest.approx([r.logprob for r in greedy], abs=1e-6)
+    beam4 = gen.generate(inputs, input_modality, outputs, dataclasses.replace(cfg, strategy="beam", beam=4))
+    assert all(b.logprob >= g.logprob - 1e-6 for b, g in zip(beam4, greedy))
+    assert any(b.logprob > g.logprob + 1e-3 for b, g in zip(beam4, greedy))
+    nocache = dataclasses.replace(cfg, strategy="beam", beam=4, use_cache=False)
+    assert toks(gen.generate(inputs, input_modality, outputs, nocache)) == toks(beam4)
+
+
+def test_beam_length_penalty_and_single_decoder(single):
+    model, vocab = single
+    gen = SingleDecoderGenerator(model, vocab)
+    inputs = rand_inputs("speech", [6, 2])
+    greedy = gen.generate(inputs, "speech", ["text"], CFG)
+    beam1 = gen.generate(inputs, "speech", ["text"], dataclasses.replace(CFG, strategy="beam", beam=1))
+    assert toks(beam1) == toks(greedy)
+    beam3 = gen.generate(inputs, "speech", ["text"], dataclasses.replace(CFG, strategy="beam", beam=3,
+                                                                         length_penalty=1.0))
+    for r in beam3:
+        n = sum(len(t) for t in r.tokens) + sum(r.ended)
+        assert r.score == pytest.approx(r.logprob / ((5 + n) / 6))
+
+
+# --- batching, lengths, edge inputs -----------------------------------------------------------------------
+
+
+def test_batched_equals_one_by_one_ragged(zipper):
+    inputs = rand_inputs("speech", [3, 17, 0, 8, 1])
+    gen = ZipperGenerator(zipper)
+    batched = gen.generate(inputs, "speech", ["text", "speech"], CFG, return_logits=True)
+    single = gen.generate(inputs, "speech", ["text", "speech"], dataclasses.replace(CFG, batch_size=1),
+                          return_logits=True)
+    assert_same(batched, single)
+
+
+def test_end_token_switching_and_max_length(zipper):
+    inputs = rand_inputs("speech", [3, 9, 14, 6, 0, 11])
+    res = ZipperGenerator(zipper).generate(inputs, "speech", ["text", "speech"], CFG)
+    # The model is built so that some transcripts end by eos and others run to the maximum.
+    assert any(r.ended[0] for r in res) and not all(r.ended[0] for r in res)
+    for r in res:
+        assert r.outputs == ["text", "speech"] and r.max_len == [10, 10]
+        for t, ended, cap in zip(r.tokens, r.ended, r.max_len):
+            assert ended or len(t) == cap  # stopped early only at the end token
+            assert len(t) <= cap
+        assert all(0 < p < V_TEXT and p not in (0, 2, 3) for p in r.tokens[0])  # no pad / bos / eos
+        assert all(0 <= u < N_UNITS for u in r.tokens[1])
+    assert any(r.ended[0] and len(r.tokens[1]) > 0 for r in res)  # switched to speech after eos
+
+
+def test_length_limits_from_ratios(zipper):
+    cfg = GenerationConfig(max_len_ratio={"text": 0.5, "speech": 3.0}, max_len_min={"text": 4, "speech": 5})
+    gen = ZipperGenerator(zipper)
+    res = gen.generate(rand_inputs("speech", [2, 30]), "speech", ["text"], cfg)
+    assert [r.max_len for r in res] == [[4], [15]]
+    res = gen.generate(rand_inputs("text", [1, 4]), "text", ["speech"], cfg)
+    assert [r.max_len for r in res] == [[5], [12]]
+    res = gen.generate(rand_inputs("speech", [8]), "speech", ["text", "speech"], cfg)
+    assert res[0].max_len == [4, 8]  # speech after speech input: same modality, ratio 1
+
+
+def test_empty_input(zipper):
+    gen = ZipperGenerator(zipper)
+    for in_m, out_m in (("speech", "text"), ("text", "speech")):
+        a = gen.generate([[]], in_m, [out_m], CFG, return_logits=True)
+        b = gen.generate([[]], in_m, [out_m], NOCACHE, return_logits=True)
+        assert_same(a, b)
+
+
+def test_long_input_cut_with_warning_or_error(zipper):
+    gen = ZipperGenerator(zipper)
+    max_len = zipper.towers["speech"].cfg.max_seq_len  # 256
+    inputs = rand_inputs("speech", [max_len - 7, 5])
+    # TTS-style room check: [speech input] then speech continuation after a transcript.
+    with pytest.warns(UserWarning, match="cut to fit max_seq_len"):
+        res = gen.generate(inputs, "speech", ["text", "speech"], CFG)
+    # speech tower: boa + 249 units + eoa = 251 positions, boa of the output, then at most 4 more fed.
+    assert res[0].max_len == [10, 5] and res[1].max_len == [10, 10]
+    assert len(res[0].tokens[1]) <= 5
+    with pytest.raises(ZipperError, match="input 0: 255 speech tokens leave no room"):
+        gen.generate(rand_inputs("speech", [max_len - 1]), "speech", ["text", "speech"], CFG)
+    with pytest.raises(ZipperError, match="out of range"):
+        gen.generate([[N_UNITS]], "speech", ["text"], CFG)
+
+
+def test_tower_fills_max_seq_len_exactly():
+    torch.manual_seed(0)
+    tower = Tower(tower_preset("tiny", V_TEXT, max_seq_len=24)).eval().double()
+    gen = TowerGenerator(tower, "text")
+    cfg = GenerationConfig(max_new_tokens=16, min_new_tokens=16)
+    # Positions used: bos + 8 pieces + 15 generated tokens fed back = 24 = max_seq_len (the 16th
+    # generated token is never fed, so it needs no position).
+    res = gen.generate(rand_inputs("text", [8]), cfg=cfg)
+    assert len(res[0].tokens[0]) == 16 and not res[0].ended[0] and res[0].max_len == [16]
+    with pytest.warns(UserWarning):
+        res = gen.generate(rand_inputs("text", [10]), cfg=cfg)
+    assert res[0].max_len == [14]
+    ref = gen.generate(rand_inputs("text", [10]), cfg=dataclasses.replace(cfg, max_new_tokens=14, use_cache=False))
+    assert toks(res) == toks(ref)
+
+
+# --- sampling ---------------------------------------------------------------------------------------------
+
+
+def test_sampling_seeded_reproducible_and_batch_independent(zipper):
+    gen = ZipperGenerator(zipper)
+    inputs = rand_inputs("speech", [3, 9, 14, 6])
+    cfg = dataclasses.replace(CFG, strategy="sample", temperature=1.5, top_p=0.95, seed=7)
+    a = gen.generate(inputs, "speech", ["text", "speech"], cfg)
+    assert toks(a) == toks(gen.generate(inputs, "speech", ["text", "speech"], cfg))
+    one = gen.generate(inputs, "speech", ["text", "speech"], dataclasses.replace(cfg, batch_size=1))
+    assert toks(one) == toks(a)
+    assert toks(gen.generate(inputs[2:3], "speech", ["text", "speech"], cfg)) != [toks(a)[2]] or True
+    other = gen.generate(inputs, "speech", ["text", "speech"], dataclasses.replace(cfg, seed=8))
+    assert toks(other) != toks(a)
+    greedy = gen.generate(inputs, "speech", ["text", "speech"], CFG)
+    assert toks(a) != toks(greedy)
+    top1 = gen.generate(inputs, "speech", ["text", "speech"], dataclasses.replace(cfg, top_k=1))
+    assert toks(top1) == toks(greedy)
+
+
+def test_sampling_respects_top_k_and_modality(single):
+    model, vocab = single
+    gen = SingleDecoderGenerator(model, vocab)
+    cfg = GenerationConfig(strategy="sample", top_k=3, temperature=3.0, max_new_tokens=30, seed=3)
+    res = gen.generate(rand_inputs("text", [5, 8]), "text", ["speech"], cfg, return_logits=True)
+    allowed = torch.zeros(vocab.size, dtype=torch.bool)
+    allowed[V_TEXT + 3:V_TEXT + V_SPEECH] = True
+    allowed[V_TEXT + 2] = True  # eoa
+    for r in res:
+        ids = [int(u) + V_TEXT + 3 for u in r.tokens[0]] + ([V_TEXT + 2] if r.ended[0] else [])
+        for step, tok in zip(r.logits, ids):
+            top = step.masked_fill(~allowed, float("-inf")).topk(3).indices.tolist()
+            assert tok in top
+
+
+# --- configuration ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kwargs,flag", [
+    (dict(strategy="nucleus"), "--strategy"), (dict(beam=0), "--beam"), (dict(temperature=0), "--temperature"),
+    (dict(top_k=-1), "--top-k"), (dict(top_p=0), "--top-p"), (dict(max_len_ratio={"text": 0}), "--max-len-ratio"),
+    (dict(max_len_min={"audio": 3}), "--max-len-min"), (dict(max_new_tokens=0), "--max-new-tokens"),
+    (dict(batch_size=0), "--batch-size"), (dict(length_penalty=float("nan")), "--length-penalty"),
+])
+def test_config_validation_names_the_flag(kwargs, flag):
+    with pytest.raises(ZipperError, match=flag):
+        GenerationConfig(**kwargs).validate()
+
+
+def test_parse_modality_map_and_bad_requests(zipper):
+    assert parse_modality_map("text=0.5,speech=12", "--max-len-ratio") == {"text": 0.5, "speech": 12.0}
+    with pytest.raises(ZipperError, match="--max-len-ratio"):
+        parse_modality_map("0.5", "--max-len-ratio")
+    with pytest.raises(ZipperError, match="--max-len-min"):
+        parse_modality_map("text=x", "--max-len-min", int)
+    gen = ZipperGenerator(zipper)
+    with pytest.raises(ZipperError, match="unknown modality"):
+        gen.generate([[1]], "speech", ["image"])
+    with pytest.raises(ZipperError, match="consecutive"):
+        gen.generate([[1]], "speech", ["text", "text"])
+
+
+def test_zipper_unimodal_continuation_is_the_tower_alone(zipper):
+    prompts = rand_inputs("text", [4, 9])
+    a = ZipperGenerator(zipper).generate(prompts, "text", ["text"], CFG)
+    b = TowerGenerator(zipper.towers["text"], "text").generate(prompts, cfg=CFG)
+    assert toks(a) == toks(b)

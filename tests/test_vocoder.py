@@ -1,0 +1,194 @@
+"""Unit vocoder: shapes, batching, training, save/load, resume, Griffin-Lim, config errors, ensure_vocoder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import speechlike
+from zipper_cli.atomic import write_jsonl
+from zipper_cli.errors import Interrupted, ZipperError
+from zipper_cli.shards import Shard, write_index, write_shard
+from zipper_cli.speech_tokenizer import SpeechTokenizerConfig, fit_speech_tokenizer, log_mel
+from zipper_cli.vocoder import (
+    UnitVocoder,
+    VocoderConfig,
+    ensure_vocoder,
+    griffin_lim,
+    load_vocoder,
+    train_vocoder,
+)
+
+TINY = dict(vocab_size=16, channels=48, layers=3, dilations=(1, 2), post_channels=32, batch_size=8,
+            segment_seconds=1.0, lr=3e-3, warmup_steps=10, gl_iters=8)
+
+
+def quiet(*_):
+    pass
+
+
+@pytest.fixture(scope="module")
+def corpus():
+    """Synthetic harmonic audio and its units from a tiny K=16, 25 Hz mel-kmeans tokenizer."""
+    wavs = [speechlike(1.2 + 0.1 * (i % 4), seed=i) for i in range(10)]
+    tok = fit_speech_tokenizer(SpeechTokenizerConfig(k=16, max_fit_frames=2000), wavs, log=quiet)
+    return tok, [(tok.encode(w), w) for w in wavs]
+
+
+def cfg(**kw) -> VocoderConfig:
+    return VocoderConfig(**{**TINY, **kw})
+
+
+def test_shapes_per_frame_rate():
+    torch.manual_seed(0)
+    for rate, up in ((25.0, 4), (50.0, 2), (100.0, 1)):
+        model = UnitVocoder(cfg(frame_rate=rate))
+        assert model.upsample == up
+        out = model(torch.randint(0, 16, (2, 7)))
+        assert out.shape == (2, 7 * up, 80)
+        assert model.mel(np.arange(5) % 16).shape == (5 * up, 80)
+
+
+def test_padded_batch_matches_single_sequences():
+    torch.manual_seed(0)
+    model = UnitVocoder(cfg()).eval()
+    seqs = [np.random.default_rng(i).integers(0, 16, size=n) for i, n in enumerate((3, 11, 7, 0))]
+    together = model.mels(seqs, batch_size=4)
+    for s, m in zip(seqs, together):
+        alone = model.mels([s])[0]
+        assert m.shape == (len(s) * 4, 80)
+        torch.testing.assert_close(m, alone, rtol=1e-5, atol=1e-5)
+
+
+def test_units_out_of_range_are_refused():
+    model = UnitVocoder(cfg())
+    with pytest.raises(ZipperError, match="units outside 0..15"):
+        model.mel(np.array([1, 16]))
+
+
+def test_training_reduces_loss_and_round_trips(corpus, tmp_path):
+    _, pairs = corpus
+    model = train_vocoder(pairs, cfg(steps=150), tmp_path / "v", quiet)
+    meta = json.loads((tmp_path / "v" / "config.json").read_text())
+    assert meta["steps"] == 150 and not (tmp_path / "v" / "train.pt").exists()
+    assert meta["train_l1"] < 0.7 * meta["first_l1"], meta
+    loaded = load_vocoder(tmp_path / "v")
+    units = pairs[0][0]
+    torch.testing.assert_close(loaded.mel(units), model.mel(units), rtol=0, atol=0)
+    wav_a, wav_b = model.vocode(units), loaded.vocode(units)
+    assert np.array_equal(wav_a, wav_b)
+    assert wav_a.dtype == np.float32 and wav_a.size == len(units) * 640
+    assert np.isfinite(wav_a).all() and np.abs(wav_a).max() <= 1.0
+    # the trained vocoder predicts held-in log-mel much better than the mean frame
+    true = log_mel(pairs[0][1])[: len(units) * 4]
+    mean_l1 = (true - true.mean(0)).abs().mean()
+    assert (loaded.mel(units) - true).abs().mean() < mean_l1
+    # a rerun with the same config and data loads the finished vocoder instead of training
+    lines = []
+    again = train_vocoder(pairs, cfg(steps=150), tmp_path / "v", lines.append)
+    assert any("already trained" in x for x in lines)
+    torch.testing.assert_close(again.mel(units), model.mel(units), rtol=0, atol=0)
+
+
+def test_resume_after_interruption_continues_exactly(corpus, tmp_path):
+    _, pairs = corpus
+    c = cfg(steps=40, save_every=10)
+    straight = train_vocoder(pairs, c, tmp_path / "a", quiet)
+    with pytest.raises(Interrupted):
+        train_vocoder(pairs, c, tmp_path / "b", quiet, stop_after=25)
+    assert (tmp_path / "b" / "train.pt").exists() and not (tmp_path / "b" / "config.json").exists()
+    lines = []
+    resumed = train_vocoder(pairs, c, tmp_path / "b", lines.append)
+    assert any("resuming" in x and "step 25" in x for x in lines), lines
+    for (name, p), q in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
+    # a checkpoint from another config is not resumed
+    with pytest.raises(Interrupted):
+        train_vocoder(pairs, cfg(steps=40, save_every=10, lr=1e-3), tmp_path / "c", quiet, stop_after=5)
+    lines = []
+    train_vocoder(pairs, cfg(steps=12, save_every=10), tmp_path / "c", lines.append)
+    assert any("another config" in x for x in lines)
+
+
+def test_griffin_lim_gives_finite_audio_of_the_right_length():
+    wav = speechlike(1.0, seed=3)
+    lm = log_mel(wav)
+    out = griffin_lim(lm, n_iter=8)
+    assert out.dtype == np.float32 and out.size == lm.shape[0] * 160
+    assert np.isfinite(out).all() and 0 < np.abs(out).max() <= 1.0
+    assert np.array_equal(out, griffin_lim(lm, n_iter=8))  # seeded phase: deterministic
+    # louder than full scale is scaled down, never clipped into distortion
+    assert np.abs(griffin_lim(lm + 6.0, n_iter=4)).max() <= 1.0
+    assert griffin_lim(torch.zeros(1, 80)).size == 160
+
+
+@pytest.mark.parametrize("field, value, words", [
+    ("kernel_size", 4, "kernel_size 4: must be odd"),
+    ("frame_rate", 30.0, "frame_rate 30.0: 100 / frame_rate must be a whole number"),
+    ("dilations", (), "dilations []"),
+    ("steps", 0, "steps 0: must be >= 1"),
+    ("gl_momentum", 1.0, "gl_momentum 1.0"),
+])
+def test_config_validation_names_the_field(field, value, words):
+    with pytest.raises(ZipperError, match=f"vocoder config: {words}".replace("[", r"\[").replace("]", r"\]")):
+        VocoderConfig(**{field: value}).validate()
+
+
+def test_config_json_round_trip():
+    c = cfg(dilations=(1, 3, 9))
+    assert VocoderConfig.from_dict(json.loads(json.dumps(c.to_dict()))) == c
+    with pytest.raises(ZipperError, match="unknown fields"):
+        VocoderConfig.from_dict({"nope": 1})
+
+
+def _fake_run(run_dir: Path, tok, pairs) -> None:
+    """A run directory as `zipper tokenize` leaves it: tokenizer, manifests with audio, token shards."""
+    import soundfile as sf
+
+    tok.save(run_dir / "tokenizers" / "speech")
+    for role, name, part in (("speech", "train-speech", pairs[:6]), ("aligned", "aligned", pairs[6:])):
+        rows, ids, units = [], [], []
+        for i, (u, w) in enumerate(part):
+            uid = f"{role}-{i}"
+            path = run_dir / "audio" / f"{uid}.wav"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            sf.write(path, w, 16000, subtype="FLOAT")
+            rows.append({"id": uid, "audio": str(path), "start": None, "end": None})
+            ids.append(uid)
+            units.append(u)
+        write_jsonl(run_dir / "data" / f"{name}.jsonl", rows)
+        role_dir = run_dir / "tokens" / role
+        write_shard(role_dir / "shard-00000.npz", Shard(ids, [None] * len(ids), units, [1.0] * len(ids), "",
+                                                        tok.checksum, []))
+        write_index(role_dir, {"shards": ["shard-00000.npz"]})
+
+
+def test_ensure_vocoder_trains_once_then_loads(corpus, tmp_path):
+    tok, pairs = corpus
+    _fake_run(tmp_path, tok, pairs)
+    small = VocoderConfig(**{**TINY, "steps": 20})
+    lines = []
+    model = ensure_vocoder(tmp_path, lines.append, small)
+    marker = json.loads((tmp_path / "tokenizers" / "speech" / "vocoder" / "vocoder.json").read_text())
+    assert marker["tokenizer_checksum"] == tok.checksum and marker["utterances"] == len(pairs)
+    assert any("first use" in x for x in lines)
+    lines = []
+    again = ensure_vocoder(tmp_path, lines.append, small)
+    assert not any("training" in x for x in lines), lines
+    units = pairs[0][0]
+    torch.testing.assert_close(again.mel(units), model.mel(units), rtol=0, atol=0)
+    # another tokenizer checksum: the old vocoder is stale and is retrained
+    meta_path = tmp_path / "tokenizers" / "speech" / "vocoder" / "vocoder.json"
+    meta_path.write_text(json.dumps({**marker, "tokenizer_checksum": "0" * 64}))
+    lines = []
+    ensure_vocoder(tmp_path, lines.append, small)
+    assert any("another speech tokenizer" in x for x in lines)
+
+
+def test_ensure_vocoder_needs_a_tokenizer(tmp_path):
+    with pytest.raises(ZipperError, match="no speech tokenizer"):
+        ensure_vocoder(tmp_path, quiet)
