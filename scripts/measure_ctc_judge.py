@@ -34,8 +34,17 @@ from zipper_cli.ctc_judge import CTCJudgeConfig, train_ctc_judge  # noqa: E402
 from zipper_cli.metrics import score  # noqa: E402
 
 
+def _bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
 def _flag_type(field: dataclasses.Field):
-    return {"int": int, "float": float, "str": str}[field.type if isinstance(field.type, str) else field.type.__name__]
+    name = field.type if isinstance(field.type, str) else field.type.__name__
+    return {"int": int, "float": float, "str": str, "bool": _bool}[name]
 
 
 def main() -> None:

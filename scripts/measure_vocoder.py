@@ -18,7 +18,6 @@ Example (the demo corpus cached by `zipper tokenize --corpus demo`):
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 import time
@@ -29,6 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from zipper_cli.atomic import sha256_json  # noqa: E402
 from zipper_cli.audio import read_audio  # noqa: E402
 from zipper_cli.judges import PocketsphinxJudge, wer  # noqa: E402
 from zipper_cli.speech_tokenizer import SpeechTokenizer, SpeechTokenizerConfig, fit_speech_tokenizer, log_mel  # noqa: E402
@@ -59,6 +59,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--gl-momentum", type=float, default=d.gl_momentum)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2, help="torch threads")
+    p.add_argument("--lookup-baseline", action="store_true",
+                   help="also judge the per-cluster mean log-mel lookup (each unit -> its cluster's mean frames)")
     p.add_argument("--skip-gl-true", action="store_true", help="do not judge Griffin-Lim from the true log-mel")
     p.add_argument("--dump", help="also write per-utterance transcripts to this JSONL file")
     return p.parse_args()
@@ -66,6 +68,20 @@ def parse_args() -> argparse.Namespace:
 
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
+
+
+def cluster_means(pairs, k: int, up: int, n_mels: int) -> torch.Tensor:
+    """[k, up, n_mels] mean un-normalised log-mel frames of each unit over the training pairs."""
+    total, count = torch.zeros(k, up * n_mels, dtype=torch.float64), torch.zeros(k, dtype=torch.float64)
+    for units, wav in pairs:
+        lm = log_mel(wav, n_mels)
+        n = min(len(units), lm.shape[0] // up)
+        idx = torch.as_tensor(np.asarray(units[:n], dtype=np.int64))
+        total.index_add_(0, idx, lm[:n * up].reshape(n, up * n_mels).double())
+        count.index_add_(0, idx, torch.ones(n, dtype=torch.float64))
+    mean = total / count.clamp_min(1)[:, None]
+    mean[count == 0] = total.sum(0) / count.sum()
+    return mean.float().view(k, up, n_mels)
 
 
 def main() -> None:
@@ -111,10 +127,9 @@ def main() -> None:
         wav = read_audio(r["audio"])
         pairs.append((tok.encode(wav), wav))
     encode_seconds = time.time() - t0
-    tag = "-".join(f"{k}{v}" for k, v in sorted(dataclasses.asdict(vcfg).items())
-                   if k not in ("gl_iters", "gl_momentum", "vocab_size", "n_mels", "save_every", "max_utterances"))
-    voc_dir = tok_dir / ("voc-" + tag.replace(" ", "").replace("(", "").replace(")", "").replace(",", "_")
-                         + f"-n{len(pairs)}")
+    train_keys = {k: v for k, v in vcfg.to_dict().items() if k not in ("gl_iters", "gl_momentum", "save_every")}
+    voc_dir = tok_dir / f"vocoder-{sha256_json(train_keys)[:10]}-n{len(pairs)}"
+    lookup = cluster_means(pairs, tok.vocab_size, vcfg.upsample, tcfg.n_mels) if a.lookup_baseline else None
     t0 = time.time()
     model = train_vocoder(pairs, vcfg, voc_dir, log)
     train_seconds = time.time() - t0
@@ -134,6 +149,10 @@ def main() -> None:
     voc = [griffin_lim(m, vcfg.gl_iters, vcfg.gl_momentum) for m in mels]
     gl_seconds = time.time() - t0
     hyp = {"original": judge.transcribe_many(wavs), "vocoder": judge.transcribe_many(voc)}
+    if lookup is not None:
+        looked = [griffin_lim(lookup[torch.as_tensor(u.astype(np.int64))].reshape(-1, tcfg.n_mels),
+                              vcfg.gl_iters, vcfg.gl_momentum) for u in units]
+        hyp["lookup"] = judge.transcribe_many(looked)
     if not a.skip_gl_true:
         gl_true = [griffin_lim(log_mel(w, tcfg.n_mels), vcfg.gl_iters, vcfg.gl_momentum) for w in wavs]
         hyp["gl_true"] = judge.transcribe_many(gl_true)

@@ -132,7 +132,18 @@ def test_zipper_cached_equals_uncached(zipper, input_modality, outputs):
     a = gen.generate(inputs, input_modality, outputs, CFG, return_logits=True)
     b = gen.generate(inputs, input_modality, outputs, NOCACHE, return_logits=True)
     assert_same(a, b)
-    assert len({tuple(map(tuple, t)) for t in toks(a)}) > 1, "outputs should depend on the input"
+    # The input matters (cross-attention is on): first-step logits differ between examples.
+    assert (a[0].logits[0] - a[1].logits[0]).abs().max() > 0.1
+
+
+def test_zipper_float32_cached_equals_uncached():
+    """The float32 fast path (rotary as a matmul, fused rms_norm) against the float32 training forward."""
+    model = make_zipper(dtype=torch.float32)
+    inputs = rand_inputs("speech", [3, 9, 0])
+    gen = ZipperGenerator(model)
+    a = gen.generate(inputs, "speech", ["text", "speech"], CFG, return_logits=True)
+    b = gen.generate(inputs, "speech", ["text", "speech"], NOCACHE, return_logits=True)
+    assert_same(a, b, 2e-4)
 
 
 @pytest.mark.parametrize("task", ["asr", "tts"])
@@ -301,7 +312,6 @@ def test_sampling_seeded_reproducible_and_batch_independent(zipper):
     assert toks(a) == toks(gen.generate(inputs, "speech", ["text", "speech"], cfg))
     one = gen.generate(inputs, "speech", ["text", "speech"], dataclasses.replace(cfg, batch_size=1))
     assert toks(one) == toks(a)
-    assert toks(gen.generate(inputs[2:3], "speech", ["text", "speech"], cfg)) != [toks(a)[2]] or True
     other = gen.generate(inputs, "speech", ["text", "speech"], dataclasses.replace(cfg, seed=8))
     assert toks(other) != toks(a)
     greedy = gen.generate(inputs, "speech", ["text", "speech"], CFG)

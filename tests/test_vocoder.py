@@ -87,10 +87,12 @@ def test_training_reduces_loss_and_round_trips(corpus, tmp_path):
     true = log_mel(pairs[0][1])[: len(units) * 4]
     mean_l1 = (true - true.mean(0)).abs().mean()
     assert (loaded.mel(units) - true).abs().mean() < mean_l1
-    # a rerun with the same config and data loads the finished vocoder instead of training
+    # a rerun with the same training config and data loads the finished vocoder instead of training;
+    # Griffin-Lim settings are inference-only and are taken from the new config
     lines = []
-    again = train_vocoder(pairs, cfg(steps=150), tmp_path / "v", lines.append)
+    again = train_vocoder(pairs, cfg(steps=150, gl_iters=4), tmp_path / "v", lines.append)
     assert any("already trained" in x for x in lines)
+    assert again.cfg.gl_iters == 4
     torch.testing.assert_close(again.mel(units), model.mel(units), rtol=0, atol=0)
 
 

@@ -110,6 +110,9 @@ class CTCJudgeConfig:
     """SpecAugment: frequency masks per utterance."""
     freq_mask_width: int = 12
     """SpecAugment: maximum width of a frequency mask in mel bins."""
+    sortagrad: bool = True
+    """First epoch in order of increasing length (SortaGrad, Deep Speech 2): short utterances first
+    get CTC past its all-blank phase sooner; later epochs are shuffled length buckets."""
     eval_every: int = 200
     """Steps between dev CER/WER evaluations (and log lines); the last step is always evaluated."""
     ckpt_every: int = 200
@@ -138,6 +141,7 @@ class CTCJudgeConfig:
             (self.time_mask_width >= 0, "time_mask_width", "must be >= 0"),
             (self.freq_masks >= 0, "freq_masks", "must be >= 0"),
             (0 <= self.freq_mask_width < self.n_mels, "freq_mask_width", "must be >= 0 and below n_mels"),
+            (isinstance(self.sortagrad, bool), "sortagrad", "must be true or false"),
             (self.eval_every >= 1, "eval_every", "must be >= 1"),
             (self.ckpt_every >= 1, "ckpt_every", "must be >= 1"),
             (self.seed >= 0, "seed", "must be >= 0"),
@@ -440,6 +444,13 @@ def _spec_augment(x: torch.Tensor, cfg: CTCJudgeConfig, gen: torch.Generator) ->
     return x
 
 
+def _epoch_batches(lengths: list[int], cfg: CTCJudgeConfig, epoch: int) -> list[list[int]]:
+    """Length-bucketed batches under the frame budget, a function of (seed, epoch) for exact resume."""
+    if epoch == 0 and cfg.sortagrad:
+        return make_batches(lengths, cfg.max_frames, cfg.seed, epoch, shuffle=False, bucket_chunk=len(lengths))
+    return make_batches(lengths, cfg.max_frames, cfg.seed, epoch)
+
+
 def _step_seed(seed: int, step: int, salt: int) -> int:
     return (seed * 1_000_003 + step * 7919 + salt) % (2**63 - 1)
 
@@ -461,10 +472,17 @@ def _score(refs: list[str], hyps: list[str]) -> dict:
 
 def _truncate_metrics(path: Path, step: int) -> None:
     """On resume: drop rows written after the checkpoint we continue from."""
-    if path.exists():
-        rows = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-        with atomic_path(path) as tmp:
-            tmp.write_text("".join(r + "\n" for r in rows))
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                keep.append(line)
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue  # a line cut short by a crash
+    with atomic_path(path) as tmp:
+        tmp.write_text("".join(r + "\n" for r in keep))
 
 
 class _Stop:
@@ -558,8 +576,8 @@ def train_ctc_judge(pairs: Sequence[tuple[np.ndarray, str]], dev_pairs: Sequence
         opt.load_state_dict(state["optimizer"])
         epoch, batch_pos = int(state["epoch"]), int(state["batch_pos"])
         trained_seconds = float(state.get("train_seconds", 0.0))
-        _truncate_metrics(metrics_path, step)
         log(f"[ctc-judge] resuming from {ckpt_dir} at step {step}/{cfg.steps}")
+    _truncate_metrics(metrics_path, step)  # rows past the checkpoint (or of a run that never saved one)
     log(f"[ctc-judge] model: {cfg.layers} conv blocks x {cfg.dim}, {param_count(model) / 1e6:.2f}M parameters, "
         f"{cfg.steps} steps, lr {cfg.lr:g}, threads {torch.get_num_threads()}")
 
@@ -588,7 +606,7 @@ def train_ctc_judge(pairs: Sequence[tuple[np.ndarray, str]], dev_pairs: Sequence
     handlers = {}
     if threading.current_thread() is threading.main_thread():
         handlers = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
-    batches = make_batches(lengths, cfg.max_frames, cfg.seed, epoch)
+    batches = _epoch_batches(lengths, cfg, epoch)
     last_dev = None
     t_loop = time.time()
     start_step = step
@@ -600,7 +618,7 @@ def train_ctc_judge(pairs: Sequence[tuple[np.ndarray, str]], dev_pairs: Sequence
             while step < cfg.steps:
                 if batch_pos >= len(batches):
                     epoch, batch_pos = epoch + 1, 0
-                    batches = make_batches(lengths, cfg.max_frames, cfg.seed, epoch)
+                    batches = _epoch_batches(lengths, cfg, epoch)
                 batch = batches[batch_pos]
                 batch_pos += 1
                 gen = torch.Generator().manual_seed(_step_seed(cfg.seed, step, 1))
@@ -652,6 +670,8 @@ def train_ctc_judge(pairs: Sequence[tuple[np.ndarray, str]], dev_pairs: Sequence
             signal.signal(s, h)
 
     train_seconds = trained_seconds + (time.time() - t_loop)
+    if last_dev is None:  # resumed from the final checkpoint: the loop had nothing left to do
+        last_dev = evaluate()
     model.eval()
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     with atomic_path(out_dir / "model.pt") as tmp:

@@ -62,6 +62,7 @@ from .speech_tokenizer import HOP, LOG_EPS, N_FFT, SAMPLE_RATE, log_mel
 
 MEL_RATE = SAMPLE_RATE // HOP  # 100 Hz
 FORMAT = 1  # bump when the network or the on-disk layout changes
+INFERENCE_ONLY = ("gl_iters", "gl_momentum", "save_every")  # VocoderConfig fields that never change the weights
 
 
 @dataclass(frozen=True)
@@ -157,6 +158,10 @@ class VocoderConfig:
         d = dataclasses.asdict(self)
         d["dilations"] = [int(x) for x in self.dilations]
         return d
+
+    def training_dict(self) -> dict:
+        """The settings that change the trained weights (Griffin-Lim and checkpoint spacing do not)."""
+        return {k: v for k, v in self.to_dict().items() if k not in INFERENCE_ONLY}
 
     @classmethod
     def from_dict(cls, d: dict) -> "VocoderConfig":
@@ -466,7 +471,7 @@ def train_vocoder(pairs: Sequence[tuple[np.ndarray, np.ndarray]], cfg: VocoderCo
     data = prepare_pairs(pairs, cfg)
     if not data:
         raise ZipperError("vocoder training: no usable (units, audio) pairs (empty or shorter than one unit)")
-    signature = {"format": FORMAT, "config": cfg.to_dict(), "data": _data_signature(data)}
+    signature = {"format": FORMAT, "config": cfg.training_dict(), "data": _data_signature(data)}
     n_units = sum(len(u) for u, _ in data)
     log(f"vocoder: {len(data)} utterances, {n_units / cfg.frame_rate / 3600:.2f} h "
         f"({n_units} units at {cfg.frame_rate:g} Hz), log-mel in {time.time() - t_prep:.1f}s")
@@ -479,14 +484,14 @@ def train_vocoder(pairs: Sequence[tuple[np.ndarray, np.ndarray]], cfg: VocoderCo
             meta = {}
         if meta.get("signature") == signature:
             log(f"vocoder: already trained in {out_dir} with this config and data; loading it")
-            return load_vocoder(out_dir)
+            return _with_griffin_lim(load_vocoder(out_dir), cfg)
         final_cfg.unlink()  # a new training run: the old result is no longer the finished one
 
     torch.manual_seed(cfg.seed)
     model = UnitVocoder(cfg)
     opt = _optimizer(model, cfg)
     weights = torch.tensor([float(len(u)) for u, _ in data])
-    step, losses = 0, []
+    step, losses, seconds = 0, [], 0.0
     ckpt = out_dir / "train.pt"
     if ckpt.exists():
         state = _load_pt(ckpt)
@@ -494,6 +499,7 @@ def train_vocoder(pairs: Sequence[tuple[np.ndarray, np.ndarray]], cfg: VocoderCo
             model.load_state_dict(state["model"])
             opt.load_state_dict(state["optimizer"])
             step, losses = int(state["step"]), [float(x) for x in state["losses"].tolist()]
+            seconds = float(state.get("seconds", 0.0))
             log(f"vocoder: resuming from {ckpt} at step {step}/{cfg.steps}")
         else:
             log(f"vocoder: {ckpt} was made with another config or other data; training from scratch")
@@ -506,6 +512,7 @@ def train_vocoder(pairs: Sequence[tuple[np.ndarray, np.ndarray]], cfg: VocoderCo
     def save() -> None:
         _save_pt(ckpt, {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
                         "losses": torch.tensor(losses, dtype=torch.float64),
+                        "seconds": seconds + time.time() - t0,
                         "signature": json.dumps(signature, sort_keys=True)})
 
     stop = {"signum": None}
@@ -556,12 +563,18 @@ def train_vocoder(pairs: Sequence[tuple[np.ndarray, np.ndarray]], cfg: VocoderCo
         "train_l1": round(train_l1, 5), "first_l1": round(losses[0], 5) if losses else None,
         "utterances": len(data), "hours": round(n_units / cfg.frame_rate / 3600, 4),
         "parameters": n_params, "receptive_field_seconds": round(model.receptive_field_seconds, 3),
-        "train_seconds_this_run": round(time.time() - t0, 1),
+        "train_seconds": round(seconds + time.time() - t0, 1),
         "toolkit_version": __version__, "torch_version": torch.__version__,
     })
     ckpt.unlink(missing_ok=True)
     model.train_l1 = train_l1
     log(f"vocoder: done, L1 {train_l1:.4f} (first step {losses[0]:.4f}), saved in {out_dir}")
+    return model
+
+
+def _with_griffin_lim(model: UnitVocoder, cfg: VocoderConfig) -> UnitVocoder:
+    """Apply cfg's inference-only settings (Griffin-Lim) to a loaded vocoder."""
+    model.cfg = dataclasses.replace(model.cfg, **{k: getattr(cfg, k) for k in INFERENCE_ONLY})
     return model
 
 
@@ -692,8 +705,8 @@ def ensure_vocoder(run_dir: str | Path, log: Callable[[str], None] = console_log
                 m = json.loads(marker.read_text())
             except (OSError, json.JSONDecodeError):
                 m = {}
-            if m.get("tokenizer_checksum") == checksum and m.get("config") == cfg.to_dict():
-                return load_vocoder(voc_dir)
+            if m.get("tokenizer_checksum") == checksum and m.get("training_config") == cfg.training_dict():
+                return _with_griffin_lim(load_vocoder(voc_dir), cfg)
             log(f"vocoder: {voc_dir} was trained for another speech tokenizer or config; retraining")
             marker.unlink()
         log(f"vocoder: training the unit vocoder for speech tokenizer {checksum[:12]} (first use)")
@@ -702,7 +715,21 @@ def ensure_vocoder(run_dir: str | Path, log: Callable[[str], None] = console_log
         model = train_vocoder(pairs, cfg, voc_dir, log)
         write_json(marker, {
             "format": FORMAT, "tokenizer_checksum": checksum, "config": cfg.to_dict(),
+            "training_config": cfg.training_dict(),
             "train_l1": model.train_l1, "utterances": len(pairs), "wall_seconds": round(time.time() - t0, 1),
             "versions": versions() | {"torchaudio": torchaudio.__version__},
         })
     return model
+
+
+def run_vocoder(run_dir: str | Path, steps: int | None = None, log: Callable[[str], None] = console_log) -> UnitVocoder:
+    """The vocoder a stage should use: the run's trained one whatever its config, else one trained now
+    with the default config (or `steps` training steps)."""
+    marker = Path(run_dir) / "tokenizers" / "speech" / "vocoder" / "vocoder.json"
+    cfg = VocoderConfig(steps=steps) if steps else None
+    if marker.exists() and steps is None:
+        try:
+            cfg = VocoderConfig.from_dict(json.loads(marker.read_text())["config"])
+        except (OSError, ValueError, KeyError, TypeError):
+            cfg = None  # unreadable: ensure_vocoder retrains
+    return ensure_vocoder(run_dir, log=log, cfg=cfg)

@@ -166,9 +166,9 @@ def decode(run_dir: Path, cfg: DecodeConfig, force: bool = False) -> dict | None
         text_tok = TextTokenizer.load(run_dir / "tokenizers" / "text")
         vocoder = None
         if "speech" in outputs:
-            from ..vocoder import ensure_vocoder
+            from ..vocoder import run_vocoder
 
-            vocoder = ensure_vocoder(run_dir, log=log, steps=cfg.vocoder_steps)
+            vocoder = run_vocoder(run_dir, steps=cfg.vocoder_steps)
         rows = []
         speech_units = [g["speech"] for g in gens] if vocoder else []
         wavs = vocoder.vocode_many(speech_units) if vocoder else []

@@ -63,9 +63,9 @@ class EvalConfig:
 
 def load_judge(name: str, run_dir: Path, steps: int | None = None):
     if name == "ctc":
-        from ..ctc_judge import ensure_ctc_judge
+        from ..ctc_judge import CTCJudgeConfig, ensure_ctc_judge
 
-        return ensure_ctc_judge(run_dir, log=log, steps=steps)
+        return ensure_ctc_judge(run_dir, log=log, cfg=CTCJudgeConfig(steps=steps) if steps else None)
     from ..judges import PocketsphinxJudge
 
     return PocketsphinxJudge()
@@ -140,9 +140,9 @@ def _cached_transcripts(run_dir: Path, key: dict, name: str, make) -> dict[str, 
 
 
 def _score_tts(run_dir, tok, split, hyps, refs, ddir, judge, jname) -> tuple[dict, list[dict]]:
-    from ..vocoder import ensure_vocoder
+    from ..vocoder import run_vocoder
 
-    vocoder = ensure_vocoder(run_dir, log=log)  # the one decode trained
+    vocoder = run_vocoder(run_dir)  # the one decode trained
     have = [h for h in hyps if h["id"] in refs and h.get("wav")]
     ids = [h["id"] for h in have]
     log(f"[eval] {jname}: transcribing {len(have)} generated utterances")
