@@ -10,7 +10,9 @@ until then via min_new_tokens; HF gets min_new_tokens as well).
   .venv/bin/python scripts/bench_decode.py [--repeats 5] [--threads 1] [--new 200] [--prompt 50]
 
 Targets: cached / uncached >= 10x at 200 tokens; ours / transformers >= 1.0x at batch 1 and 16.
-Timings on a shared machine are noisy: each number is the median of --repeats runs after a warm-up.
+Timings on a shared machine are noisy: each number is the median of --repeats runs after a warm-up, the
+contenders interleaved; *_tok_s are per wall second, *_tok_cpu_s per CPU second of this process (one
+thread), which other processes on the machine disturb much less.
 """
 
 from __future__ import annotations
@@ -28,18 +30,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 def _interleaved_medians(fns: dict, repeats: dict) -> dict:
-    """Median seconds of each fn, the runs interleaved round-robin so that load changes on a shared
-    machine hit every contender alike. Each fn runs once first as a warm-up (allocator, kernels)."""
+    """Median (wall seconds, CPU seconds) of each fn, the runs interleaved round-robin so that load
+    changes on a shared machine hit every contender alike. Each fn runs once first as a warm-up. CPU
+    seconds (this process, one thread) exclude time spent waiting for a core that other processes hold:
+    on a busy machine they measure the work done far more steadily than the wall clock."""
     for fn in fns.values():
         fn()
-    times: dict = {k: [] for k in fns}
+    times: dict = {k: ([], []) for k in fns}
     for i in range(max(repeats.values())):
         for k, fn in fns.items():
             if i < repeats[k]:
-                t = time.perf_counter()
+                t, c = time.perf_counter(), time.process_time()
                 fn()
-                times[k].append(time.perf_counter() - t)
-    return {k: statistics.median(v) for k, v in times.items()}
+                times[k][0].append(time.perf_counter() - t)
+                times[k][1].append(time.process_time() - c)
+    return {k: (statistics.median(w), statistics.median(c)) for k, (w, c) in times.items()}
 
 
 def _hf_model(tower_cfg):
@@ -100,12 +105,15 @@ def bench_decode(args) -> dict:
         sec = _interleaved_medians(fns, reps)
         for name in ("cached", "uncached", "transformers"):
             if name in sec:
-                row[f"{name}_tok_s"] = round(batch * args.new / sec[name], 1)
+                row[f"{name}_tok_s"] = round(batch * args.new / sec[name][0], 1)
+                row[f"{name}_tok_cpu_s"] = round(batch * args.new / sec[name][1], 1)
         if hf is None:
             row["transformers_tok_s"] = "skipped (transformers not importable)"
         else:
             row["ours_over_transformers"] = round(row["cached_tok_s"] / row["transformers_tok_s"], 2)
+            row["ours_over_transformers_cpu"] = round(row["cached_tok_cpu_s"] / row["transformers_tok_cpu_s"], 2)
         row["cached_over_uncached"] = round(row["cached_tok_s"] / row["uncached_tok_s"], 2)
+        row["cached_over_uncached_cpu"] = round(row["cached_tok_cpu_s"] / row["uncached_tok_cpu_s"], 2)
         out["rows"].append(row)
     return out
 

@@ -30,7 +30,7 @@ import torch  # noqa: E402
 
 from zipper_cli.atomic import read_jsonl  # noqa: E402
 from zipper_cli.audio import read_audio  # noqa: E402
-from zipper_cli.ctc_judge import CTCJudgeConfig, train_ctc_judge  # noqa: E402
+from zipper_cli.ctc_judge import CTCJudgeConfig, load_ctc_judge, train_ctc_judge  # noqa: E402
 from zipper_cli.metrics import score  # noqa: E402
 
 
@@ -47,6 +47,21 @@ def _flag_type(field: dataclasses.Field):
     return {"int": int, "float": float, "str": str, "bool": _bool}[name]
 
 
+def griffin_lim(wav):
+    """wav -> 80-bin power mel (25 ms / 10 ms) -> pseudo-inverse linear spectrogram -> Griffin-Lim (32 iterations,
+    seeded): the kind of audio a mel vocoder makes, to see how the judge holds up off its training audio."""
+    import torchaudio
+
+    torch.manual_seed(0)
+    x = torch.from_numpy(wav)
+    to_mel = torchaudio.transforms.MelSpectrogram(16000, n_fft=400, hop_length=160, n_mels=80)
+    mel = to_mel(x)  # [80, T]
+    fb = to_mel.mel_scale.fb  # [201, 80]; 80 bins over 201 STFT bins leave some filters empty: pinv, not lstsq
+    spec = (torch.linalg.pinv(fb.T) @ mel).clamp_min(0.0)
+    out = torchaudio.transforms.GriffinLim(n_fft=400, hop_length=160, power=2.0, length=x.numel())(spec)
+    return (0.9 * out / out.abs().max().clamp_min(1e-6)).numpy().astype("float32")
+
+
 def main() -> None:
     demo = sorted(glob.glob("/tmp/zipper-cache-demo/demo-*/manifest.jsonl"))
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -57,6 +72,9 @@ def main() -> None:
     ap.add_argument("--fresh", action="store_true", help="delete --out first")
     ap.add_argument("--train-limit", type=int, default=0, help="use only the first N aligned utterances")
     ap.add_argument("--pocketsphinx", action="store_true", help="also score the test audio with pocketsphinx")
+    ap.add_argument("--resynth", action="store_true",
+                    help="also score test audio resynthesised from its 80-bin mel by Griffin-Lim (vocoder-like audio)")
+    ap.add_argument("--load", metavar="DIR", help="score the judge already trained in DIR instead of training")
     for f in dataclasses.fields(CTCJudgeConfig):
         ap.add_argument("--" + f.name.replace("_", "-"), type=_flag_type(f), default=None)
     args = ap.parse_args()
@@ -81,7 +99,8 @@ def main() -> None:
         return out
 
     t0 = time.time()
-    train, dev, test = load("aligned", args.train_limit), load("dev"), load("test")
+    train = [] if args.load else load("aligned", args.train_limit)
+    dev, test = load("dev"), load("test")
     read_seconds = time.time() - t0
     out = Path(args.out)
     if args.fresh and out.exists():
@@ -92,7 +111,11 @@ def main() -> None:
         log_lines.append(msg)
         print(msg, file=sys.stderr, flush=True)
 
-    judge = train_ctc_judge(train, dev, cfg, out, log=log)
+    if args.load:
+        judge = load_ctc_judge(args.load)
+        cfg = judge.cfg
+    else:
+        judge = train_ctc_judge(train, dev, cfg, out, log=log)
     meta = judge.meta
 
     def evaluate(pairs):
@@ -118,6 +141,15 @@ def main() -> None:
               "train_seconds": meta["train_seconds"], "feature_seconds": meta["feature_seconds"],
               "epochs": meta["epochs"], "read_seconds": round(read_seconds, 1), "dev": dev_score, "test": test_score,
               "example_test_errors": [{"ref": r, "hyp": h} for r, h in errors]}
+    if args.resynth:
+        resynth = [(griffin_lim(w), t) for w, t in test]
+        s, _ = evaluate(resynth)
+        result["test_griffin_lim"] = {k: s[k] for k in ("wer", "cer")}
+        if args.pocketsphinx:
+            from zipper_cli.judges import PocketsphinxJudge
+
+            s = score([t for _, t in resynth], PocketsphinxJudge().transcribe_many([w for w, _ in resynth]))
+            result["pocketsphinx_test_griffin_lim"] = {"wer": round(s.wer, 4), "cer": round(s.cer, 4)}
     if args.pocketsphinx:
         from zipper_cli.judges import PocketsphinxJudge
 

@@ -57,6 +57,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--gl-iters", type=int, default=d.gl_iters)
     p.add_argument("--gl-momentum", type=float, default=d.gl_momentum)
+    p.add_argument("--mel-floor", type=float, default=d.mel_floor)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2, help="torch threads")
     p.add_argument("--lookup-baseline", action="store_true",
@@ -119,7 +120,7 @@ def main() -> None:
                          channels=a.channels, layers=a.layers, kernel_size=a.kernel_size,
                          dilations=tuple(int(x) for x in a.dilations.split(",")), post_layers=a.post_layers,
                          steps=a.steps, lr=a.lr, batch_size=a.batch_size, segment_seconds=a.segment_seconds,
-                         gl_iters=a.gl_iters, gl_momentum=a.gl_momentum, seed=a.seed)
+                         gl_iters=a.gl_iters, gl_momentum=a.gl_momentum, mel_floor=a.mel_floor, seed=a.seed)
     vcfg.validate()
     t0 = time.time()
     pairs = []

@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import os
+
+# Tiny test models gain nothing from a second thread, and two OpenMP threads contending with any other
+# busy process are several times slower than one: pin the suite (and the CLIs it starts) to one thread.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 import json
 from pathlib import Path
 

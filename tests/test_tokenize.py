@@ -171,9 +171,12 @@ def test_cli_rerun_skip_mismatch_force(tmp_path, small_manifest):
     (["pretrain", "--tower", "text", "--run-dir", "nowhere"],
      "error: zipper pretrain --tower text needs stage 'tokenize' finished in nowhere; run `zipper tokenize` first"),
     (["pretrain", "--tower", "both"], "error: --tower must be text or speech (got 'both')"),
-    (["fuse"], "error: `zipper fuse` is not built yet"),
-    (["decode"], "error: `zipper decode` is not built yet"),
-    (["eval"], "error: `zipper eval` is not built yet"),
+    (["fuse", "--run-dir", "nowhere"],
+     "error: zipper fuse needs stage 'tokenize' finished in nowhere; run `zipper tokenize` first"),
+    (["fuse", "--arch", "two-decoders"], "error: --arch must be one of zipper, single-decoder"),
+    (["decode", "--outputs", "video"], "error: --outputs must be a comma list of text and speech"),
+    (["decode", "--run-dir", "nowhere"], "error: zipper decode needs stage 'tokenize' finished in nowhere"),
+    (["eval"], "error: --decode TAG is required"),
 ])
 def test_cli_errors_are_one_line(tmp_path, args, message):
     res = _zipper(*args, cwd=tmp_path)

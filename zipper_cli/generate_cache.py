@@ -122,38 +122,52 @@ def _rotate_half_matrix(hd: int, dtype, device) -> torch.Tensor:
     return _ROT[key]
 
 
-def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """tower.RMSNorm without the module call (fp32: one fused op; else the module's own formula)."""
-    if x.dtype == torch.float32 and weight.dtype == torch.float32:
-        return F.rms_norm(x, (x.shape[-1],), weight, eps)
+def _rms(x: torch.Tensor, weight: Optional[torch.Tensor], eps: float) -> torch.Tensor:
+    """tower.RMSNorm as plain ops; weight None when _Weights folded it into the next matrix. float32:
+    the mean square from vector_norm (one fast reduction; F.rms_norm and mean() are several times slower
+    on small rows here); other dtypes: the module's own formula (it normalises in float32)."""
+    if x.dtype == torch.float32:
+        r = torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_().div_(x.shape[-1]).add_(eps).rsqrt_()
+        return x * r if weight is None else x * r * weight
     xf = x.float()
     return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).type_as(x) * weight
 
 
-def _mat(weight: torch.Tensor) -> torch.Tensor:
+def _mat(weight: torch.Tensor, norm: Optional[torch.Tensor] = None) -> torch.Tensor:
     """nn.Linear weight [out, in] -> [in, out] for `x @ w`. On CPU a contiguous copy: matrix-vector and
     skinny products with the output dimension contiguous run about 2x faster there (MKL) than F.linear's
-    transposed operand; elsewhere a view (cuBLAS takes either layout)."""
-    return weight.t().contiguous() if weight.device.type == "cpu" else weight.t()
+    transposed operand; elsewhere a view (cuBLAS takes either layout). `norm`: the weight of the RMSNorm
+    in front, folded into the copy's rows ((x * r * g) @ W^T = (x * r) @ (g[:, None] * W^T))."""
+    if weight.device.type != "cpu":
+        return weight.t()
+    w = weight.t().contiguous()
+    return w.mul_(norm[:, None]) if norm is not None else w
 
 
 class _Weights:
     """A tower's weights for decode steps, read once per generate call (so always current): the norms'
     weights by reference; the matrices as [in, out] (see _mat: on CPU, a transposed copy of the tower's
-    matrices for the duration of the call), the MLP's gate and up matrices side by side so that one
-    matmul computes both. Decode steps are small: op count and operand layout are most of their cost."""
+    matrices for the duration of the call, with the RMSNorm weights folded in for float32), the MLP's gate
+    and up matrices side by side so that one matmul computes both. Decode steps are small: op count and
+    operand layout are most of their cost."""
 
     def __init__(self, tower: Tower):
+        # float32 on CPU: fold each RMSNorm's weight into the (copied) matrix after it; the norm then
+        # runs without its final multiply. Other dtypes keep the module's arithmetic exactly.
+        fold = tower.wte.weight.device.type == "cpu" and tower.wte.weight.dtype == torch.float32
+
+        def norm_mat(norm, *weights):
+            w = weights[0] if len(weights) == 1 else torch.cat(weights)
+            return (None if fold else norm.weight, norm.eps), _mat(w, norm.weight if fold else None)
+
         self.blocks = []
         for b in tower.blocks:
             a, mlp = b.attn, b.mlp
-            self.blocks.append(dict(
-                norm1=(b.norm1.weight, b.norm1.eps), qkv=_mat(a.qkv.weight), proj=_mat(a.proj.weight), attn=a,
-                norm2=(b.norm2.weight, b.norm2.eps), gate_up=_mat(torch.cat([mlp.gate.weight, mlp.up.weight])),
-                down=_mat(mlp.proj.weight)))
-        self.norm_f = (tower.norm_f.weight, tower.norm_f.eps)
-        self.head = _mat(tower.wte.weight)
-        self.wte = tower.wte.weight
+            norm1, qkv = norm_mat(b.norm1, a.qkv.weight)
+            norm2, gate_up = norm_mat(b.norm2, mlp.gate.weight, mlp.up.weight)
+            self.blocks.append(dict(norm1=norm1, qkv=qkv, proj=_mat(a.proj.weight), attn=a, norm2=norm2,
+                                    gate_up=gate_up, down=_mat(mlp.proj.weight)))
+        self.norm_f, self.head = norm_mat(tower.norm_f, tower.wte.weight)
 
 
 def _block_step(w: dict, x: torch.Tensor, st: _Step) -> torch.Tensor:

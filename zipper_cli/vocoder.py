@@ -112,6 +112,10 @@ class VocoderConfig:
     """Griffin-Lim iterations (cost grows linearly; ~0.04 real-time factor for 64 on one CPU core)."""
     gl_momentum: float = 0.99
     """Griffin-Lim momentum ("fast Griffin-Lim"; 0 is the classic algorithm)."""
+    mel_floor: float = 0.0
+    """Mel power added before the log in the network's target, log(mel + mel_floor): compresses the
+    near-silent bottom of the range (digital silence sits at log(1e-6) = -13.8) so the L1 loss spends
+    the capacity on audible energy. 0 trains on the raw log-mel. Outputs are mapped back either way."""
 
     def validate(self) -> None:
         up = MEL_RATE / self.frame_rate if self.frame_rate > 0 else 0
@@ -140,6 +144,7 @@ class VocoderConfig:
             (self.max_utterances >= 1, f"max_utterances {self.max_utterances}: must be >= 1"),
             (self.gl_iters >= 1, f"gl_iters {self.gl_iters}: must be >= 1"),
             (0 <= self.gl_momentum < 1, f"gl_momentum {self.gl_momentum}: must be in [0, 1)"),
+            (self.mel_floor >= 0, f"mel_floor {self.mel_floor}: must be >= 0"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -302,7 +307,7 @@ class UnitVocoder(nn.Module):
                     x[j, :len(seqs[i])] = torch.from_numpy(seqs[i])
                 mel = self(x, lens)
                 for j, i in enumerate(idx):
-                    out[i] = mel[j, :int(lens[j]) * self.upsample].clone()
+                    out[i] = from_target(mel[j, :int(lens[j]) * self.upsample], self.cfg)
         finally:
             self.train(was_training)
         return out  # type: ignore[return-value]
@@ -389,7 +394,8 @@ def _data_signature(pairs: list[tuple[np.ndarray, torch.Tensor]]) -> str:
 
 
 def prepare_pairs(pairs: Sequence[tuple[np.ndarray, np.ndarray]], cfg: VocoderConfig) -> list[tuple[np.ndarray, torch.Tensor]]:
-    """(units, 16 kHz wav) -> (units, log-mel) with units * upsample == mel frames (the shorter side is trimmed)."""
+    """(units, 16 kHz wav) -> (units, target log-mel) with units * upsample == mel frames (the shorter
+    side is trimmed); the target is on the to_target scale."""
     up = cfg.upsample
     out = []
     for units, wav in pairs:
@@ -400,8 +406,20 @@ def prepare_pairs(pairs: Sequence[tuple[np.ndarray, np.ndarray]], cfg: VocoderCo
         mel = log_mel(np.asarray(wav, dtype=np.float32), cfg.n_mels)
         n = min(len(u), mel.shape[0] // up)
         if n >= 1:
-            out.append((u[:n], mel[:n * up].contiguous()))
+            out.append((u[:n], to_target(mel[:n * up], cfg).contiguous()))
     return out
+
+
+def to_target(mel: torch.Tensor, cfg: VocoderConfig) -> torch.Tensor:
+    """Raw log-mel -> the network's target scale, log(mel + mel_floor)."""
+    return torch.logaddexp(mel, torch.tensor(math.log(cfg.mel_floor))) if cfg.mel_floor > 0 else mel.clone()
+
+
+def from_target(pred: torch.Tensor, cfg: VocoderConfig) -> torch.Tensor:
+    """The network's output scale -> raw log-mel (speech_tokenizer.log_mel's scale)."""
+    if cfg.mel_floor <= 0:
+        return pred.clone()
+    return (pred.exp() - cfg.mel_floor).clamp_min(LOG_EPS).log()
 
 
 def _batch(data: list[tuple[np.ndarray, torch.Tensor]], weights: torch.Tensor, cfg: VocoderConfig, step: int):
