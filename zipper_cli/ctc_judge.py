@@ -26,7 +26,8 @@ exact resume (data order, masks and dropout are functions of (seed, step)), `jud
 
 Files under a judge directory (run_dir/judges/ctc for `ensure_ctc_judge`):
   train_config.json  config + training-data checksum of the run being trained (checked on resume)
-  ckpt/step-*.pt     training checkpoints (model, optimizer, position), loaded with weights_only=True
+  ckpt/step-*.pt     training checkpoints (model, optimizer, position), loaded with weights_only=True;
+                     removed once judge.json is written
   metrics.jsonl      one row per step (loss, lr, grad norm), dev CER/WER at evaluation steps
   model.pt           final weights (state_dict of tensors)
   judge.json         config, version, dev WER/CER, training time, versions: the completion marker
@@ -37,6 +38,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import shutil
 import signal
 import threading
 import time
@@ -696,6 +698,7 @@ def train_ctc_judge(pairs: Sequence[tuple[np.ndarray, str]], dev_pairs: Sequence
             "wall_seconds": round(time.time() - t_start, 2), "threads": torch.get_num_threads(),
             "model_sha256": sha256_file(out_dir / "model.pt"), "versions": versions()}
     write_json(out_dir / "judge.json", meta)  # the completion marker: written last
+    shutil.rmtree(ckpt_dir, ignore_errors=True)  # optimizer state is only needed to resume; model.pt stays
     judge.meta = meta
     dev_txt = f"dev WER {last_dev['wer']:.3f} CER {last_dev['cer']:.3f}, " if last_dev else ""
     log(f"[ctc-judge] trained {judge.version}: {dev_txt}{train_seconds:.0f} s of training")
