@@ -540,8 +540,11 @@ def train_ctc_judge(pairs: Sequence[tuple[np.ndarray, str]], dev_pairs: Sequence
     if (out_dir / "judge.json").exists():
         judge = load_ctc_judge(out_dir)
         if judge.cfg != cfg:
-            raise ZipperError(f"{out_dir} already holds a CTC judge trained with another config; "
-                              f"delete {out_dir} to retrain it")
+            from .rundir import diff_keys
+
+            diffs = diff_keys(judge.cfg.to_dict(), cfg.to_dict())
+            raise ZipperError(f"{out_dir} already holds a CTC judge trained with another config "
+                              f"({'; '.join(diffs)}); delete {out_dir} to retrain it")
         log(f"[ctc-judge] already trained in {out_dir} ({judge.version}); loading it")
         return judge
     t_start = time.time()
