@@ -176,7 +176,8 @@ def bench_pretrain(args) -> dict:
         r |= {"achieved_gflops": round(achieved, 1),
               "mfu_vs_fp32_peak": round(achieved / peaks["fp32"], 3),
               "mfu_vs_bf16_peak": round(achieved / peaks["bf16"], 3)}
-        out[precision] = {k: (round(v, 1) if isinstance(v, float) else v) for k, v in r.items()}
+        out[precision] = {k: (round(v, 3 if k.startswith("mfu") else 1) if isinstance(v, float) else v)
+                          for k, v in r.items()}
     out["bf16_over_fp32_speed"] = round(out["bf16"]["tokens_per_s"] / out["fp32"]["tokens_per_s"], 2)
     out["target_mfu_vs_bf16_peak"] = 0.5
     out["best_mfu_vs_bf16_peak"] = max(out["fp32"]["mfu_vs_bf16_peak"], out["bf16"]["mfu_vs_bf16_peak"])

@@ -227,10 +227,11 @@ def test_interrupted_training_resumes_exactly(tmp_path):
     ra, rb = rows(tmp_path / "a"), rows(tmp_path / "b")
     assert [r["step"] for r in rb] == list(range(1, 13))
     assert [r["loss"] for r in ra] == [r["loss"] for r in rb]
-    # other data over the unfinished checkpoints is refused rather than mixed in
-    (tmp_path / "b" / "judge.json").unlink()
+    # other data over an unfinished run's checkpoints is refused rather than mixed in
+    with pytest.raises(Interrupted):
+        train_ctc_judge(pairs, dev, cfg, tmp_path / "c", interrupt_at_step_8)
     with pytest.raises(ZipperError, match="unfinished CTC judge trained with other settings"):
-        train_ctc_judge(pairs[:-1], dev, cfg, tmp_path / "b", quiet)
+        train_ctc_judge(pairs[:-1], dev, cfg, tmp_path / "c", quiet)
 
 
 def test_padding_never_reaches_an_utterance():
