@@ -32,6 +32,7 @@ from zipper_cli.atomic import read_jsonl  # noqa: E402
 from zipper_cli.audio import read_audio  # noqa: E402
 from zipper_cli.ctc_judge import CTCJudgeConfig, load_ctc_judge, train_ctc_judge  # noqa: E402
 from zipper_cli.metrics import score  # noqa: E402
+from zipper_cli.text_norm import normalize_text  # noqa: E402
 
 
 def _bool(text: str) -> bool:
@@ -105,17 +106,16 @@ def main() -> None:
     out = Path(args.out)
     if args.fresh and out.exists():
         shutil.rmtree(out)
-    log_lines: list[str] = []
-
     def log(msg: str) -> None:
-        log_lines.append(msg)
         print(msg, file=sys.stderr, flush=True)
 
     if args.load:
         judge = load_ctc_judge(args.load)
         cfg = judge.cfg
     else:
+        cpu0 = time.process_time()
         judge = train_ctc_judge(train, dev, cfg, out, log=log)
+        train_cpu = time.process_time() - cpu0  # CPU seconds: what an unloaded machine would take per thread
     meta = judge.meta
 
     def evaluate(pairs):
@@ -135,12 +135,14 @@ def main() -> None:
     single_s = time.time() - t
     test_score["rtf_single"] = round(single_s / (sum(w.size for w, _ in test[:50]) / 16000), 5)
     test_score["single_equals_batched"] = single == test_hyps[:50]
-    errors = [(r, h) for (_, r), h in zip(test, test_hyps) if " ".join(r.lower().split()) != h][:8]
+    errors = [(r, h) for (_, r), h in zip(test, test_hyps) if normalize_text(r) != h][:8]
     result = {"manifest": args.manifest, "threads": args.threads, "config": cfg.to_dict(), "version": judge.version,
               "params": meta["params"], "train_utterances": meta["train_utterances"], "train_hours": meta["train_hours"],
               "train_seconds": meta["train_seconds"], "feature_seconds": meta["feature_seconds"],
               "epochs": meta["epochs"], "read_seconds": round(read_seconds, 1), "dev": dev_score, "test": test_score,
               "example_test_errors": [{"ref": r, "hyp": h} for r, h in errors]}
+    if not args.load:
+        result["train_cpu_seconds"] = round(train_cpu, 1)  # features + training + dev evaluations
     if args.resynth:
         resynth = [(griffin_lim(w), t) for w, t in test]
         s, _ = evaluate(resynth)

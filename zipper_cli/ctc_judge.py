@@ -5,9 +5,9 @@ is independent of the run but weak on this kind of audio; this judge is trained 
 training split (the `aligned` role, never dev or test), so it knows the domain's words and voices.
 It has the PocketsphinxJudge interface: `name`, `version`, `transcribe(wav16k)`, `transcribe_many(wavs)`.
 
-Model (a few hundred thousand to a few million parameters):
+Model (2.0M parameters by default; tests use ~30k):
   80 log-mel at 100 Hz (25 ms / 10 ms), per-utterance mean/variance normalisation per mel bin
-  -> Conv1d(k=3) + GELU -> Conv1d(k=2s-1, stride s) + GELU         (s = `subsample`, 3 by default)
+  -> conv(k=3) + GELU -> conv(k=2s-1, stride s) + GELU -> LayerNorm   (s = `subsample`, 3: 33 Hz)
   -> `layers` residual blocks: LayerNorm, depthwise conv in time (`conv_kernel` frames), GELU;
      LayerNorm, feed-forward (dim -> ff_mult * dim -> dim)
   -> Linear to 29 classes: CTC blank, space, a-z, apostrophe.
@@ -20,9 +20,17 @@ log-probabilities `transcribe` gives it alone, whatever else is in the batch. (A
 tried: 2x slower per step on CPU, slower to learn, and packed GRUs change low bits with the batch.)
 
 Training (`train_ctc_judge`): AdamW, linear warmup + cosine decay, length-bucketed batches under a
-frame budget, SpecAugment time and frequency masks, features computed once and kept in memory,
-periodic dev CER/WER, checkpoints every `ckpt_every` steps under out_dir/ckpt (atomic, checksummed),
-exact resume (data order, masks and dropout are functions of (seed, step)), `judge.json` written last.
+frame budget (the first epoch shortest-first), optional SpecAugment time and frequency masks, features
+computed once and kept in memory, periodic dev CER/WER, checkpoints every `ckpt_every` steps under
+out_dir/ckpt (atomic, checksummed), exact resume (data order, masks and dropout are functions of
+(seed, step)), `judge.json` written last.
+
+Measured with the defaults on the demo corpus (train on aligned: 2000 utterances, 1.3 h; 1600 steps,
+7 epochs; scripts/measure_ctc_judge.py): test WER 0.091 / CER 0.026 on ground-truth audio, WER 0.097
+on the same audio resynthesised by Griffin-Lim from its mel (pocketsphinx: 0.169 / 0.184); training
+took 330 CPU-seconds, features and dev evaluations included (about 5 minutes on one free core; 10.5
+minutes on one thread of a 2-core machine shared with other jobs, where 2 threads were 5x slower than
+one); transcription 130-300x faster than real time on one thread.
 
 Files under a judge directory (run_dir/judges/ctc for `ensure_ctc_judge`):
   train_config.json  config + training-data checksum of the run being trained (checked on resume)

@@ -493,15 +493,17 @@ def _sample_loop(gen, plan, engine, rows, cfg, return_logits) -> list[_Row]:
         prefill = False
         for m, idx in _groups(plan, rows, last).items():
             group = [rows[i] for i in idx]
-            raw = logits[gen.tower_of(m)][idx]
+            raw = logits[gen.tower_of(m)]
+            raw = raw if len(idx) == raw.shape[0] else raw[idx]  # idx is sorted: all rows = every row
             x = _masked(gen, plan, group, raw, cfg)
             lp = x.log_softmax(-1)
             if U is None:
-                c = lp.argmax(-1)
+                lpc, c = lp.max(-1)  # greedy: the first of equal maxima, as argmax
             else:
                 u = U[idx, [r.nfree for r in group]].to(x.device)
                 c = _sample(x, cfg, u)
-            lps = lp.gather(1, c[:, None])[:, 0].tolist()
+                lpc = lp.gather(1, c[:, None])[:, 0]
+            lps = lpc.tolist()
             for j, (r, t) in enumerate(zip(group, c.tolist())):
                 if return_logits:
                     r.logits.append(raw[j].cpu())

@@ -36,6 +36,7 @@ Zipper cache (per batch):
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence
 
 import torch
@@ -67,32 +68,46 @@ def _group(items: Items, order: list[int]):
     return groups, last
 
 
-class _Step:
-    """Rope, cache positions and attention mask of one cached step of a tower, from the positions (host
-    lists, [B][T]). Attention reads only the first L = max position + 1 cache slots. When every row
-    writes the same positions, positions are [T] and a single query needs no mask at all (it may attend
-    to every slot < L); otherwise the mask is "slot <= query position" per row, as in Tower.block_inputs.
-    For one new token per row, the rotary embedding is applied as one matmul with the rotation matrix of
-    its position (rotate-half: x @ (diag(cos) + Q diag(sin))) instead of eight elementwise ops."""
+def _rotations(cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """cos, sin [..., hd/2] -> R [..., hd, hd] with x @ R = tower.apply_rope(x) (rotate-half convention:
+    R = diag(cat(cos, cos)) + Q diag(cat(sin, sin)), x @ Q = cat(-x[hd/2:], x[:hd/2]))."""
+    h = cos.shape[-1]
+    q = torch.zeros(2 * h, 2 * h, dtype=cos.dtype, device=cos.device)
+    q[torch.arange(h) + h, torch.arange(h)] = -1.0
+    q[torch.arange(h), torch.arange(h) + h] = 1.0
+    c, s = torch.cat([cos, cos], -1), torch.cat([sin, sin], -1)
+    return torch.diag_embed(c) + q * s.unsqueeze(-2)
 
-    def __init__(self, tower: Tower, pos: list[list[int]], device):
+
+class _Step:
+    """Positions, rotary embedding and attention mask of one cached step of a tower, from the positions
+    (host lists, [B][T]). Attention reads only the first L = max position + 1 cache slots.
+    Fast path (float32, one new token per row, every row at the same position p; always so at batch 1):
+    the cache is written at slot p by slicing, the rotary embedding is one matmul with the rotation
+    matrix of p (precomputed per call), and no mask is needed (the query may attend to every slot < L).
+    Otherwise: per-row positions, scatter writes, elementwise rotary, mask "slot <= query position" as in
+    Tower.block_inputs."""
+
+    def __init__(self, tower: Tower, w: "_Weights", pos: list[list[int]], device):
         T = len(pos[0])
+        self.B, self.T = len(pos), T
         self.L = max(max(p) for p in pos) + 1
         uniform = all(p == pos[0] for p in pos)
-        self.pos = torch.tensor(pos[0] if uniform else pos, dtype=torch.long).to(device, non_blocking=True)
+        self.fast = uniform and T == 1 and w.rot is not None
+        if self.fast:
+            self.p = pos[0][0]
+            self.rot = w.rot[self.p]
+            return
+        self.pos = torch.tensor(pos[0] if uniform else pos, dtype=torch.long, device=device)
         lead = (1, 1) if uniform else (len(pos), 1)
         self.cos = tower.rope_cos[self.pos].view(*lead, T, -1)  # [1|B, 1, T, hd/2]
         self.sin = tower.rope_sin[self.pos].view(*lead, T, -1)
-        self.rot = None
-        if T == 1 and self.cos.dtype == torch.float32:
-            cos, sin = torch.cat([self.cos, self.cos], -1), torch.cat([self.sin, self.sin], -1)  # [.., 1, hd]
-            self.rot = torch.diag_embed(cos[..., 0, :]) + _rotate_half_matrix(cos.shape[-1], cos.dtype, device) * sin
         if uniform and T == 1:
             self.mask = None
         else:
             slots = torch.arange(self.L, device=device)
             self.mask = (slots <= self.pos.unsqueeze(-1)).view(*lead, T, self.L)
-        self.B, self.T, self._index = len(pos), T, None
+        self._index = None
 
     def index(self, H: int, hd: int) -> torch.Tensor:
         """Scatter index [B, H, T, hd] of the new keys/values into a cache [B, H, S, hd]."""
@@ -100,65 +115,38 @@ class _Step:
             self._index = self.pos.view(-1, 1, self.T, 1).expand(self.B, H, self.T, hd)
         return self._index
 
-    def rope(self, x: torch.Tensor) -> torch.Tensor:
-        """tower.apply_rope(x [B, H, T, hd]) at this step's positions."""
-        if self.rot is not None and x.dtype == torch.float32:  # apply_rope computes in float32 too
-            return torch.matmul(x, self.rot)
-        return apply_rope(x, self.cos, self.sin)
 
-
-_ROT: dict = {}
-
-
-def _rotate_half_matrix(hd: int, dtype, device) -> torch.Tensor:
-    """Q [hd, hd] with x @ Q = rotate_half(x) = cat(-x[hd/2:], x[:hd/2])."""
-    key = (hd, dtype, str(device))
-    if key not in _ROT:
-        h = hd // 2
-        q = torch.zeros(hd, hd, dtype=dtype, device=device)
-        q[torch.arange(h) + h, torch.arange(h)] = -1.0
-        q[torch.arange(h), torch.arange(h) + h] = 1.0
-        _ROT[key] = q
-    return _ROT[key]
-
-
-def _rms(x: torch.Tensor, weight: Optional[torch.Tensor], eps: float) -> torch.Tensor:
-    """tower.RMSNorm as plain ops; weight None when _Weights folded it into the next matrix. float32:
-    the mean square from vector_norm (one fast reduction; F.rms_norm and mean() are several times slower
-    on small rows here); other dtypes: the module's own formula (it normalises in float32)."""
-    if x.dtype == torch.float32:
-        r = torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_().div_(x.shape[-1]).add_(eps).rsqrt_()
-        return x * r if weight is None else x * r * weight
-    xf = x.float()
-    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).type_as(x) * weight
-
-
-def _mat(weight: torch.Tensor, norm: Optional[torch.Tensor] = None) -> torch.Tensor:
+def _mat(weight: torch.Tensor, scale: Optional[torch.Tensor] = None) -> torch.Tensor:
     """nn.Linear weight [out, in] -> [in, out] for `x @ w`. On CPU a contiguous copy: matrix-vector and
     skinny products with the output dimension contiguous run about 2x faster there (MKL) than F.linear's
-    transposed operand; elsewhere a view (cuBLAS takes either layout). `norm`: the weight of the RMSNorm
-    in front, folded into the copy's rows ((x * r * g) @ W^T = (x * r) @ (g[:, None] * W^T))."""
+    transposed operand; elsewhere a view (cuBLAS takes either layout). `scale` [in]: folded into the
+    copy's rows ((x * g) @ W^T = x @ (g[:, None] * W^T)), for the RMSNorm weight in front."""
     if weight.device.type != "cpu":
         return weight.t()
     w = weight.t().contiguous()
-    return w.mul_(norm[:, None]) if norm is not None else w
+    return w.mul_(scale[:, None]) if scale is not None else w
 
 
 class _Weights:
-    """A tower's weights for decode steps, read once per generate call (so always current): the norms'
-    weights by reference; the matrices as [in, out] (see _mat: on CPU, a transposed copy of the tower's
-    matrices for the duration of the call, with the RMSNorm weights folded in for float32), the MLP's gate
-    and up matrices side by side so that one matmul computes both. Decode steps are small: op count and
-    operand layout are most of their cost."""
+    """A tower's weights for decode steps, read once per generate call (so always current): the matrices
+    as [in, out] (see _mat: on CPU, a transposed copy of the tower's matrices for the duration of the
+    call), the MLP's gate and up matrices side by side so that one matmul computes both. Decode steps are
+    small: op count and operand layout are most of their cost.
+    float32 on CPU: each RMSNorm's weight, times sqrt(C), is folded into the matrix after it, so that the
+    norm is three ops, x / hypot(|x|, sqrt(C eps)) (= x / sqrt(mean(x^2) + eps) / sqrt(C)); and the
+    rotation matrices of all cache positions are precomputed (when they take at most 64 MiB)."""
 
-    def __init__(self, tower: Tower):
-        # float32 on CPU: fold each RMSNorm's weight into the (copied) matrix after it; the norm then
-        # runs without its final multiply. Other dtypes keep the module's arithmetic exactly.
-        fold = tower.wte.weight.device.type == "cpu" and tower.wte.weight.dtype == torch.float32
+    def __init__(self, tower: Tower, cache_len: int):
+        wte = tower.wte.weight
+        self.fold = wte.device.type == "cpu" and wte.dtype == torch.float32
+        C = tower.cfg.n_embd
 
         def norm_mat(norm, *weights):
             w = weights[0] if len(weights) == 1 else torch.cat(weights)
-            return (None if fold else norm.weight, norm.eps), _mat(w, norm.weight if fold else None)
+            if not self.fold:
+                return (norm.weight, norm.eps, None), _mat(w)
+            c = torch.tensor(math.sqrt(C * norm.eps), dtype=wte.dtype)
+            return (None, norm.eps, c), _mat(w, norm.weight * math.sqrt(C))
 
         self.blocks = []
         for b in tower.blocks:
@@ -167,7 +155,25 @@ class _Weights:
             norm2, gate_up = norm_mat(b.norm2, mlp.gate.weight, mlp.up.weight)
             self.blocks.append(dict(norm1=norm1, qkv=qkv, proj=_mat(a.proj.weight), attn=a, norm2=norm2,
                                     gate_up=gate_up, down=_mat(mlp.proj.weight)))
-        self.norm_f, self.head = norm_mat(tower.norm_f, tower.wte.weight)
+        self.norm_f, self.head = norm_mat(tower.norm_f, wte)
+        hd = tower.cfg.head_dim
+        self.rot = None
+        if tower.rope_cos.dtype == torch.float32 and cache_len * hd * hd * 4 <= 64 << 20:
+            self.rot = _rotations(tower.rope_cos[:cache_len], tower.rope_sin[:cache_len])  # [S, hd, hd]
+
+
+def _rms(x: torch.Tensor, norm: tuple) -> torch.Tensor:
+    """tower.RMSNorm as plain ops (see _Weights): folded: x / hypot(|x|, sqrt(C eps)); other float32:
+    vector_norm for the mean square (F.rms_norm and mean() are several times slower on small rows here);
+    other dtypes: the module's own formula (it normalises in float32)."""
+    weight, eps, c = norm
+    if c is not None:
+        return x / torch.hypot(torch.linalg.vector_norm(x, dim=-1, keepdim=True), c)
+    if x.dtype == torch.float32:
+        return x * torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_().div_(x.shape[-1]).add_(eps).rsqrt_() \
+            * weight
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).type_as(x) * weight
 
 
 def _block_step(w: dict, x: torch.Tensor, st: _Step) -> torch.Tensor:
@@ -177,29 +183,37 @@ def _block_step(w: dict, x: torch.Tensor, st: _Step) -> torch.Tensor:
     a = w["attn"]
     B, T, C = x.shape
     hd, H, Hkv = a.head_dim, a.n_head, a.n_kv_head
-    qkv = _rms(x, *w["norm1"]) @ w["qkv"]
-    qk = st.rope(qkv[..., :(H + Hkv) * hd].view(B, T, H + Hkv, hd).transpose(1, 2))
-    q, k = qk.split([H, Hkv], dim=1)
-    v = qkv[..., (H + Hkv) * hd:].view(B, T, Hkv, hd).transpose(1, 2)
     cache = a.kv_cache
     if cache.k.shape[0] != B:
         raise RuntimeError(f"batch {B} does not match the KV cache batch {cache.k.shape[0]}")
-    idx = st.index(Hkv, hd)
-    cache.k.scatter_(2, idx, k.to(cache.k.dtype))
-    cache.v.scatter_(2, idx, v.to(cache.v.dtype))
+    qkv = _rms(x, w["norm1"]) @ w["qkv"]
+    if st.fast:
+        qk = qkv[:, 0, :(H + Hkv) * hd].view(B, H + Hkv, hd) @ st.rot  # rotary as one matmul
+        q, k = qk[:, :H, None], qk[:, H:, None]  # [B, H, 1, hd]
+        v = qkv[:, 0, (H + Hkv) * hd:].view(B, Hkv, 1, hd)
+        p = st.p
+        cache.k[:, :, p:p + 1] = k
+        cache.v[:, :, p:p + 1] = v
+    else:
+        qk = apply_rope(qkv[..., :(H + Hkv) * hd].view(B, T, H + Hkv, hd).transpose(1, 2), st.cos, st.sin)
+        q, k = qk.split([H, Hkv], dim=1)
+        v = qkv[..., (H + Hkv) * hd:].view(B, T, Hkv, hd).transpose(1, 2)
+        idx = st.index(Hkv, hd)
+        cache.k.scatter_(2, idx, k if k.dtype == cache.k.dtype else k.to(cache.k.dtype))
+        cache.v.scatter_(2, idx, v if v.dtype == cache.v.dtype else v.to(cache.v.dtype))
     kc, vc = cache.k[:, :, :st.L], cache.v[:, :, :st.L]
     if kc.dtype != q.dtype:
         kc, vc = kc.to(q.dtype), vc.to(q.dtype)
     if Hkv != H:
         kc, vc = kc.repeat_interleave(H // Hkv, dim=1), vc.repeat_interleave(H // Hkv, dim=1)
-    y = F.scaled_dot_product_attention(q, kc, vc, attn_mask=st.mask)
-    x = x + y.transpose(1, 2).reshape(B, T, H * hd) @ w["proj"]
-    gate, up = (_rms(x, *w["norm2"]) @ w["gate_up"]).chunk(2, dim=-1)
+    y = F.scaled_dot_product_attention(q, kc, vc, attn_mask=None if st.fast else st.mask)
+    x = x + (y.reshape(B, 1, H * hd) if st.fast else y.transpose(1, 2).reshape(B, T, H * hd)) @ w["proj"]
+    gate, up = (_rms(x, w["norm2"]) @ w["gate_up"]).chunk(2, dim=-1)
     return x + (F.silu(gate) * up) @ w["down"]
 
 
 def _head(w: _Weights, h: torch.Tensor) -> torch.Tensor:
-    return _rms(h, *w.norm_f) @ w.head
+    return _rms(h, w.norm_f) @ w.head
 
 
 class _CachedBase:
@@ -214,13 +228,13 @@ class _CachedBase:
         self.S = dict(cache_len)
         for n, t in self.towers.items():
             t.setup_cache(B, self.S[n])
-        self.w = {n: _Weights(t) for n, t in self.towers.items()}
+        self.w = {n: _Weights(t, self.S[n]) for n, t in self.towers.items()}
         self.next = {n: [0] * B for n in self.towers}
         self.order = [0] * B
 
-    def _tensors(self, n: str, rows: list[list[tuple[int, int]]]):
-        """Per row [(token, order)] for tower n -> tokens [B, T], the step's rope/mask/positions (_Step),
-        col and order [B, T] (cross-attention cache columns and linear orders); advances positions."""
+    def _tensors(self, n: str, rows: list[list[tuple[int, int]]], cross: bool = True):
+        """Per row [(token, order)] for tower n -> tokens [B, T], the step's positions/rope/mask (_Step),
+        and with `cross` the cross-attention cache columns and linear orders [B, T]; advances positions."""
         T = max(len(r) for r in rows)
         S, nxt = self.S[n], self.next[n]
         tok, pos, col, ordl = [], [], [], []
@@ -230,14 +244,16 @@ class _CachedBase:
                 tok.append(t)
                 ordl.append(o)
             pos.append(list(range(p, p + k)) + [min(p + i, S - 1) for i in range(k, T)])
-            col += range(p, p + k)
             tok += [0] * (T - k)  # padding: a scratch write that is never attended
-            col += [S] * (T - k)
-            ordl += [INF] * (T - k)
+            if cross:
+                col += range(p, p + k)
+                col += [S] * (T - k)
+                ordl += [INF] * (T - k)
             nxt[r] = p + k
         B = len(rows)
-        mk = lambda xs: torch.tensor(xs, dtype=torch.long).view(B, T).to(self.device, non_blocking=True)  # noqa: E731
-        return mk(tok), _Step(self.towers[n], pos, self.device), mk(col), mk(ordl)
+        mk = lambda xs: torch.tensor(xs, dtype=torch.long, device=self.device).view(B, T)  # noqa: E731
+        st = _Step(self.towers[n], self.w[n], pos, self.device)
+        return (mk(tok), st, mk(col), mk(ordl)) if cross else (mk(tok), st, None, None)
 
     def reorder(self, index) -> None:
         idx = torch.as_tensor(index, dtype=torch.long, device=self.device)
@@ -273,7 +289,7 @@ class TowerCache(_CachedBase):
     @torch.inference_mode()
     def feed(self, items: Items):
         groups, last = _group(items, self.order)
-        tokens, st, _, _ = self._tensors(self.name, groups[self.name])
+        tokens, st, _, _ = self._tensors(self.name, groups[self.name], cross=False)
         t = self.tower
         x = F.embedding(tokens, t.wte.weight)
         for w in self.w[self.name].blocks:
