@@ -125,6 +125,7 @@ def test_tower_continuation_cached_equals_uncached(dtype, tol):
 
 @pytest.mark.parametrize("input_modality,outputs", [
     ("speech", ["text"]), ("text", ["speech"]), ("speech", ["text", "speech"]), ("text", ["speech", "text"]),
+    ("speech", ["speech", "text"]),  # continue the speech, then transcribe everything
 ])
 def test_zipper_cached_equals_uncached(zipper, input_modality, outputs):
     inputs = rand_inputs(input_modality, [3, 9, 14, 6, 0, 11])
@@ -144,6 +145,18 @@ def test_zipper_float32_cached_equals_uncached():
     a = gen.generate(inputs, "speech", ["text", "speech"], CFG, return_logits=True)
     b = gen.generate(inputs, "speech", ["text", "speech"], NOCACHE, return_logits=True)
     assert_same(a, b, 2e-4)
+
+
+def test_single_decoder_two_outputs_cached_equals_uncached(single):
+    model, vocab = single
+    inputs = rand_inputs("speech", [4, 10, 0])
+    gen = SingleDecoderGenerator(model, vocab)
+    a = gen.generate(inputs, "speech", ["text", "speech"], CFG, return_logits=True)
+    assert_same(a, gen.generate(inputs, "speech", ["text", "speech"], NOCACHE, return_logits=True))
+    for r in a:
+        assert r["text"] is r.tokens[0] and r["speech"] is r.tokens[1]
+        assert all(0 <= u < N_UNITS for u in r["speech"])
+        assert all(0 < p < V_TEXT and p not in (2, 3) for p in r["text"])  # no pad / bos / eos
 
 
 @pytest.mark.parametrize("task", ["asr", "tts"])
@@ -360,6 +373,23 @@ def test_parse_modality_map_and_bad_requests(zipper):
         gen.generate([[1]], "speech", ["image"])
     with pytest.raises(ZipperError, match="consecutive"):
         gen.generate([[1]], "speech", ["text", "text"])
+
+
+def test_decode_weight_layout_follows_parameter_changes():
+    """The cached engines keep a decode-time copy of the weights between calls: an in-place parameter
+    update (an optimizer step, load_state_dict) must invalidate it."""
+    torch.manual_seed(0)
+    tower = Tower(tower_preset("tiny", V_TEXT)).eval()
+    randomize(tower, 2.0)
+    gen = TowerGenerator(tower, "text")  # float32 on CPU: transposed copies with folded norm weights
+    prompts = rand_inputs("text", [5, 9])
+    before = gen.generate(prompts, cfg=CFG, return_logits=True)
+    with torch.no_grad():
+        tower.blocks[0].norm1.weight.mul_(3.0)
+        tower.blocks[1].mlp.up.weight.mul_(-1.0)
+    after = gen.generate(prompts, cfg=CFG, return_logits=True)
+    assert_same(after, gen.generate(prompts, cfg=NOCACHE, return_logits=True), 2e-4)
+    assert not torch.allclose(before[0].logits[0], after[0].logits[0])
 
 
 def test_zipper_unimodal_continuation_is_the_tower_alone(zipper):

@@ -29,7 +29,6 @@ first, with a warning; an input that leaves no room for even one output token is
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -199,16 +198,45 @@ class _Generator:
 
     modalities: tuple[str, ...] = MODALITIES
 
-    # vocabulary layout, in model ids: overridden per model
-    def tower_of(self, m: str) -> str: return "main"  # noqa: E704
-    def ids(self, m: str, raw: np.ndarray) -> list[int]: return (raw + (SPEECH_OFFSET if m == "speech" else 0)).tolist()  # noqa: E704,E501
-    def raw(self, m: str, ids: list[int]) -> np.ndarray: return np.asarray(ids, dtype=np.int64) - (SPEECH_OFFSET if m == "speech" else 0)  # noqa: E704,E501
-    def begin_end(self, m: str) -> tuple[int, int]: return specials(m)[1:]  # noqa: E704
-    def prefix(self, input_modality: str, first_output: str) -> list[int]: return []  # noqa: E704
-    def raw_size(self, m: str) -> int: raise NotImplementedError  # noqa: E704
-    def max_seq_len(self, tower: str) -> int: raise NotImplementedError  # noqa: E704
-    def vocab_size(self, tower: str) -> int: raise NotImplementedError  # noqa: E704
-    def engine(self, use_cache: bool): raise NotImplementedError  # noqa: E704
+    # Vocabulary layout, in model ids (defaults: a tower's own vocabulary, vocab.py); overridden per model.
+    def tower_of(self, m: str) -> str:
+        """The engine tower that holds modality m."""
+        return "main"
+
+    def ids(self, m: str, raw: np.ndarray) -> list[int]:
+        return (raw + (SPEECH_OFFSET if m == "speech" else 0)).tolist()
+
+    def raw(self, m: str, ids: list[int]) -> np.ndarray:
+        return np.asarray(ids, dtype=np.int64) - (SPEECH_OFFSET if m == "speech" else 0)
+
+    def begin_end(self, m: str) -> tuple[int, int]:
+        return specials(m)[1:]
+
+    def prefix(self, input_modality: str, first_output: str) -> list[int]:
+        """Tokens before the input segment (the single decoder's task tag)."""
+        return []
+
+    def raw_size(self, m: str) -> int:
+        """Number of raw tokens of modality m (text pieces, or speech units)."""
+        raise NotImplementedError
+
+    def max_seq_len(self, tower: str) -> int:
+        raise NotImplementedError
+
+    def vocab_size(self, tower: str) -> int:
+        raise NotImplementedError
+
+    def engine(self, use_cache: bool):
+        """A generate_cache engine: cached, or the uncached reference."""
+        raise NotImplementedError
+
+    @property
+    def _weights(self) -> dict:
+        """The cached engines' decode-time weight layouts, kept for this generator's lifetime (on CPU a
+        transposed copy of the weights; rebuilt when a parameter changes)."""
+        if "_weights_store" not in self.__dict__:
+            self._weights_store = {}
+        return self._weights_store
 
     def allowed(self, m: str) -> torch.Tensor:
         """bool [V_tower]: ids modality m may emit (its content ids and its end id)."""
@@ -278,10 +306,10 @@ class _Generator:
             limits[k] = cfg.max_len(plan.segs[k], in_m, x.size)
         # Positions each tower needs (see fed()); cut the limits, last output first, if they don't fit.
         cut = False
-        for n in set(plan.tower):
+        for n in sorted(set(plan.tower)):
             excess = self._fed(plan, pending, limits)[n] - self.max_seq_len(n)
             for k in reversed(range(plan.first, len(plan.segs))):
-                if excess > 0 and plan.tower[k] == n:
+                if excess > 0 and plan.tower[k] == n and limits[k] > 1:
                     take = min(excess, limits[k] - 1)
                     limits[k] -= take
                     excess -= take
@@ -326,10 +354,17 @@ class TowerGenerator(_Generator):
         m = self.modalities[0]
         return super().generate(inputs, input_modality or m, outputs or [m], cfg, return_logits)
 
-    def raw_size(self, m): return self._raw  # noqa: E704
-    def max_seq_len(self, tower): return self.model.cfg.max_seq_len  # noqa: E704
-    def vocab_size(self, tower): return self.model.cfg.vocab_size  # noqa: E704
-    def engine(self, use_cache): return gc.TowerCache(self.model) if use_cache else gc.TowerFull(self.model)  # noqa: E704,E501
+    def raw_size(self, m):
+        return self._raw
+
+    def max_seq_len(self, tower):
+        return self.model.cfg.max_seq_len
+
+    def vocab_size(self, tower):
+        return self.model.cfg.vocab_size
+
+    def engine(self, use_cache):
+        return gc.TowerCache(self.model, weights=self._weights) if use_cache else gc.TowerFull(self.model)
 
 
 class ZipperGenerator(_Generator):
@@ -342,15 +377,26 @@ class ZipperGenerator(_Generator):
 
     def generate(self, inputs, input_modality, outputs, cfg=None, return_logits=False):
         if list(outputs) == [input_modality] and input_modality in self.modalities:
-            tower = TowerGenerator(self.model.towers[input_modality], input_modality)
-            return tower.generate(inputs, input_modality, outputs, cfg, return_logits)
+            key = f"tower:{input_modality}"
+            if key not in self._weights:  # keeps the TowerGenerator (and its weight layouts) for reuse
+                self._weights[key] = TowerGenerator(self.model.towers[input_modality], input_modality)
+            return self._weights[key].generate(inputs, input_modality, outputs, cfg, return_logits)
         return super().generate(inputs, input_modality, outputs, cfg, return_logits)
 
-    def tower_of(self, m): return m  # noqa: E704
-    def raw_size(self, m): return self.model.towers[m].cfg.vocab_size - (SPEECH_OFFSET if m == "speech" else 0)  # noqa: E704,E501
-    def max_seq_len(self, tower): return self.model.towers[tower].cfg.max_seq_len  # noqa: E704
-    def vocab_size(self, tower): return self.model.towers[tower].cfg.vocab_size  # noqa: E704
-    def engine(self, use_cache): return gc.ZipperCache(self.model) if use_cache else gc.ZipperFull(self.model)  # noqa: E704,E501
+    def tower_of(self, m):
+        return m
+
+    def raw_size(self, m):
+        return self.model.towers[m].cfg.vocab_size - (SPEECH_OFFSET if m == "speech" else 0)
+
+    def max_seq_len(self, tower):
+        return self.model.towers[tower].cfg.max_seq_len
+
+    def vocab_size(self, tower):
+        return self.model.towers[tower].cfg.vocab_size
+
+    def engine(self, use_cache):
+        return gc.ZipperCache(self.model, weights=self._weights) if use_cache else gc.ZipperFull(self.model)
 
 
 class SingleDecoderGenerator(_Generator):
@@ -378,11 +424,17 @@ class SingleDecoderGenerator(_Generator):
             return []
         return [self.vocab.asr_tag if first_output == "text" else self.vocab.tts_tag]
 
-    def raw_size(self, m): return self.vocab.text_size if m == "text" else self.vocab.speech_size - SPEECH_OFFSET  # noqa: E704,E501
-    def max_seq_len(self, tower): return self.model.cfg.max_seq_len  # noqa: E704
-    def vocab_size(self, tower): return self.model.cfg.vocab_size  # noqa: E704
-    def engine(self, use_cache): return gc.TowerCache(self.model) if use_cache else gc.TowerFull(self.model)  # noqa: E704,E501
+    def raw_size(self, m):
+        return self.vocab.text_size if m == "text" else self.vocab.speech_size - SPEECH_OFFSET
 
+    def max_seq_len(self, tower):
+        return self.model.cfg.max_seq_len
+
+    def vocab_size(self, tower):
+        return self.model.cfg.vocab_size
+
+    def engine(self, use_cache):
+        return gc.TowerCache(self.model, weights=self._weights) if use_cache else gc.TowerFull(self.model)
 
 
 # --- search loops --------------------------------------------------------------------------------------
@@ -421,9 +473,12 @@ def _masked(gen: _Generator, plan: _Plan, rows: list[_Row], logits: torch.Tensor
     """Raw logits [R, V] of rows in the same modality -> float logits with disallowed ids at -inf."""
     m = plan.segs[rows[0].k]
     x = logits.float().masked_fill(~gen._masks[m], float("-inf"))
-    noend = [i for i, r in enumerate(rows) if r.count < min(cfg.min_new_tokens, r.limits[r.k])]
-    if noend:
-        x[noend, gen.begin_end(m)[1]] = float("-inf")
+    if cfg.min_new_tokens:
+        noend = [i for i, r in enumerate(rows) if r.count < min(cfg.min_new_tokens, r.limits[r.k])]
+        if len(noend) == len(rows):
+            x[:, gen.begin_end(m)[1]] = float("-inf")
+        elif noend:
+            x[noend, gen.begin_end(m)[1]] = float("-inf")
     return x
 
 
@@ -536,7 +591,6 @@ def _beam(gen, plan, engine, rows, cfg) -> list[_Row]:
     V = max(gen.vocab_size(n) for n in set(plan.tower))
     while True:
         cand = torch.full((B * N, V), float("-inf"))
-        lps: dict[int, torch.Tensor] = {}
         for m, idx in _groups(plan, beams, last).items():
             group = [beams[i] for i in idx]
             lp = _masked(gen, plan, group, logits[gen.tower_of(m)][idx], cfg).log_softmax(-1).cpu()

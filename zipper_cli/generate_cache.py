@@ -32,6 +32,12 @@ Zipper cache (per batch):
     write goes to the row's next free position (overwritten by the row's next real token before anything
     attends to it; clamped to the last slot only when the row can never use that tower again), its
     cross-attention write to the scratch column with order INF (never attended).
+
+Tower blocks in a cached step (_block_step) compute what Block.forward computes with its KV cache, but
+attend only to the first L = (max position + 1) cache slots, and run as plain tensor ops on weights laid
+out for small products (_Weights: transposed copies on CPU, gate/up side by side, RMSNorm weights folded
+in for float32). Decode steps are a few dozen tiny ops per block, so op count and weight layout are most
+of their cost. The uncached engines call Tower.forward / Zipper.forward themselves: the reference.
 """
 
 from __future__ import annotations
@@ -156,6 +162,7 @@ class _Weights:
             self.blocks.append(dict(norm1=norm1, qkv=qkv, proj=_mat(a.proj.weight), attn=a, norm2=norm2,
                                     gate_up=gate_up, down=_mat(mlp.proj.weight)))
         self.norm_f, self.head = norm_mat(tower.norm_f, wte)
+        self.S = cache_len
         hd = tower.cfg.head_dim
         self.rot = None
         if tower.rope_cos.dtype == torch.float32 and cache_len * hd * hd * 4 <= 64 << 20:
@@ -219,18 +226,33 @@ def _head(w: _Weights, h: torch.Tensor) -> torch.Tensor:
 class _CachedBase:
     """Bookkeeping shared by the cached engines: next position per tower and row, linear order per row."""
 
-    def __init__(self, towers: dict[str, Tower]):
+    def __init__(self, towers: dict[str, Tower], weights: Optional[dict] = None):
         self.towers = towers
+        self.weights = {} if weights is None else weights  # tower name -> (signature, _Weights)
         self.device = next(iter(towers.values())).wte.weight.device
 
+    @torch.no_grad()
     def start(self, B: int, cache_len: dict[str, int]) -> None:
         self.B = B
         self.S = dict(cache_len)
         for n, t in self.towers.items():
             t.setup_cache(B, self.S[n])
-        self.w = {n: _Weights(t, self.S[n]) for n, t in self.towers.items()}
+        self.w = {n: self._weights(n, t) for n, t in self.towers.items()}
         self.next = {n: [0] * B for n in self.towers}
         self.order = [0] * B
+
+    def _weights(self, n: str, tower: Tower) -> "_Weights":
+        """The tower's _Weights, reused across batches and calls (the caller's dict) while no parameter
+        changed: same storage, same version counter (every in-place update, an optimizer step or
+        load_state_dict, bumps it)."""
+        sig = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in tower.parameters())
+        got = self.weights.get(n)
+        S = self.S[n]
+        if got is not None and got[0] == sig and got[1].S >= S and (got[1].rot is not None or got[1].S == S):
+            return got[1]
+        w = _Weights(tower, S)
+        self.weights[n] = (sig, w)
+        return w
 
     def _tensors(self, n: str, rows: list[list[tuple[int, int]]], cross: bool = True):
         """Per row [(token, order)] for tower n -> tokens [B, T], the step's positions/rope/mask (_Step),
@@ -280,10 +302,11 @@ def _gather_last(h: torch.Tensor, last, n: str) -> torch.Tensor:
 
 
 class TowerCache(_CachedBase):
-    """One decoder (a Tower, or the single-decoder baseline), static KV cache."""
+    """One decoder (a Tower, or the single-decoder baseline), static KV cache. `weights`: a dict in which
+    to keep the decode-time weight layout between calls (see _CachedBase._weights)."""
 
-    def __init__(self, tower: Tower, name: str = "main"):
-        super().__init__({name: tower})
+    def __init__(self, tower: Tower, name: str = "main", weights: Optional[dict] = None):
+        super().__init__({name: tower}, weights)
         self.name, self.tower = name, tower
 
     @torch.inference_mode()
@@ -331,10 +354,11 @@ class TowerFull:
 class ZipperCache(_CachedBase):
     """Zipper, incremental: per-tower self-attention caches plus cross-attention k/v per point and pair."""
 
-    def __init__(self, model: Zipper):
-        super().__init__(dict(model.towers.items()))
+    def __init__(self, model: Zipper, weights: Optional[dict] = None):
+        super().__init__(dict(model.towers.items()), weights)
         self.model = model
 
+    @torch.no_grad()
     def start(self, B: int, cache_len: dict[str, int]) -> None:
         super().start(B, cache_len)
         m, dev = self.model, self.device
@@ -365,6 +389,9 @@ class ZipperCache(_CachedBase):
             h[n] = m.input_proj[n](x) if n in m.input_proj else x
             self.ord[n].scatter_(1, col[n], order[n])
         xmask = {(x, y): self.ord[y][:, None, :] < order[x][:, :, None] for x, y in m.pairs if x in run}
+        # As in Zipper.forward: a pair where no new token may attend anything adds exactly zero; skip it
+        # (e.g. the speech input's tokens at prefill, before any text).
+        active = [(x, y) for x, y in m.pairs if x in run and bool(xmask[(x, y)].any())]
 
         done = dict.fromkeys(run, 0)
         for j, blocks in enumerate(m.fusion):
@@ -380,10 +407,9 @@ class ZipperCache(_CachedBase):
                     idx = col[x][:, None, :, None].expand(-1, kc.shape[1], -1, kc.shape[3])
                     kc.scatter_(2, idx, k.to(kc.dtype))
                     vc.scatter_(2, idx, v.to(vc.dtype))
-            for x, y in m.pairs:
-                if x in run:
-                    kc, vc = self.kv[j][(x, y)]
-                    h[x] = blocks[pair_key(x, y)].attend(h[x], kc, vc, xmask[(x, y)])
+            for x, y in active:
+                kc, vc = self.kv[j][(x, y)]
+                h[x] = blocks[pair_key(x, y)].attend(h[x], kc, vc, xmask[(x, y)])
         logits = {}
         for n in run:
             for w in self.w[n].blocks[done[n]:]:

@@ -46,7 +46,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -393,7 +393,7 @@ def _data_signature(pairs: list[tuple[np.ndarray, torch.Tensor]]) -> str:
     return h.hexdigest()
 
 
-def prepare_pairs(pairs: Sequence[tuple[np.ndarray, np.ndarray]], cfg: VocoderConfig) -> list[tuple[np.ndarray, torch.Tensor]]:
+def prepare_pairs(pairs: Iterable[tuple[np.ndarray, np.ndarray]], cfg: VocoderConfig) -> list[tuple[np.ndarray, torch.Tensor]]:
     """(units, 16 kHz wav) -> (units, target log-mel) with units * upsample == mel frames (the shorter
     side is trimmed); the target is on the to_target scale."""
     up = cfg.upsample
@@ -474,10 +474,11 @@ def _optimizer(model: nn.Module, cfg: VocoderConfig) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.99), foreach=False, fused=False)
 
 
-def train_vocoder(pairs: Sequence[tuple[np.ndarray, np.ndarray]], cfg: VocoderConfig, out_dir: str | Path,
+def train_vocoder(pairs: Iterable[tuple[np.ndarray, np.ndarray]], cfg: VocoderConfig, out_dir: str | Path,
                   log: Callable[[str], None] = console_log, *, stop_after: int | None = None) -> UnitVocoder:
     """Train a UnitVocoder on (units, 16 kHz wav) pairs and save it in out_dir; returns it in eval mode.
 
+    `pairs` is read once (a generator keeps only the log-mel frames in memory, not the audio).
     Reruns: a finished vocoder with the same config and data is loaded, not retrained; an interrupted
     run (Ctrl-C, SIGTERM, or `stop_after` steps in this call, which raises Interrupted) resumes from
     out_dir/train.pt. A checkpoint made with another config or other data is ignored (training restarts).
@@ -585,7 +586,7 @@ def train_vocoder(pairs: Sequence[tuple[np.ndarray, np.ndarray]], cfg: VocoderCo
         "toolkit_version": __version__, "torch_version": torch.__version__,
     })
     ckpt.unlink(missing_ok=True)
-    model.train_l1 = train_l1
+    model.train_l1, model.utterances = train_l1, len(data)
     log(f"vocoder: done, L1 {train_l1:.4f} (first step {losses[0]:.4f}), saved in {out_dir}")
     return model
 
@@ -618,6 +619,7 @@ def load_vocoder(directory: str | Path) -> UnitVocoder:
         raise ZipperError(f"{directory / 'vocoder.pt'}: does not match {meta_path} "
                           f"({' '.join(str(e).split())[:200]}); retrain the vocoder") from None
     model.train_l1 = meta.get("train_l1")
+    model.utterances = meta.get("utterances")
     return model.eval()
 
 
@@ -640,8 +642,8 @@ def _dir_lock(path: Path, log):
         os.close(fd)
 
 
-def _training_pairs(run_dir: Path, checksum: str, cfg: VocoderConfig, log) -> list[tuple[np.ndarray, np.ndarray]]:
-    """(units, wav) for a seeded sample of the run's speech + aligned utterances."""
+def _training_pairs(run_dir: Path, checksum: str, cfg: VocoderConfig, log) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(units, wav) for a seeded sample of the run's speech + aligned utterances, read lazily."""
     from .audio import AudioLimits, AudioReject, read_audio
     from .shards import load_role
 
@@ -664,7 +666,8 @@ def _training_pairs(run_dir: Path, checksum: str, cfg: VocoderConfig, log) -> li
     items.sort(key=lambda x: x[0]["id"])
     perm = np.random.default_rng(cfg.seed).permutation(len(items))[:cfg.max_utterances]
     limits = AudioLimits(min_seconds=0.0, max_seconds=1e9, silence_peak=0.0)  # rows already passed tokenize
-    pairs, skipped = [], 0
+    log(f"vocoder: reading {len(perm)} of {len(items)} speech + aligned utterances")
+    skipped = 0
     with progress() as bar:
         task = bar.add_task("vocoder: reading audio", total=len(perm))
         for i in perm:
@@ -678,10 +681,9 @@ def _training_pairs(run_dir: Path, checksum: str, cfg: VocoderConfig, log) -> li
                 continue
             finally:
                 bar.advance(task)
-            pairs.append((np.asarray(u), wav))
-    log(f"vocoder: {len(pairs)} training utterances of {len(items)} (speech + aligned)"
-        + (f", {skipped} unreadable skipped" if skipped else ""))
-    return pairs
+            yield np.asarray(u), wav
+    if skipped:
+        log(f"vocoder: {skipped} unreadable utterances skipped")
 
 
 def ensure_vocoder(run_dir: str | Path, log: Callable[[str], None] = console_log,
@@ -729,12 +731,11 @@ def ensure_vocoder(run_dir: str | Path, log: Callable[[str], None] = console_log
             marker.unlink()
         log(f"vocoder: training the unit vocoder for speech tokenizer {checksum[:12]} (first use)")
         t0 = time.time()
-        pairs = _training_pairs(run_dir, checksum, cfg, log)
-        model = train_vocoder(pairs, cfg, voc_dir, log)
+        model = train_vocoder(_training_pairs(run_dir, checksum, cfg, log), cfg, voc_dir, log)
         write_json(marker, {
             "format": FORMAT, "tokenizer_checksum": checksum, "config": cfg.to_dict(),
             "training_config": cfg.training_dict(),
-            "train_l1": model.train_l1, "utterances": len(pairs), "wall_seconds": round(time.time() - t0, 1),
+            "train_l1": model.train_l1, "utterances": model.utterances, "wall_seconds": round(time.time() - t0, 1),
             "versions": versions() | {"torchaudio": torchaudio.__version__},
         })
     return model
