@@ -25,6 +25,15 @@ when its modality differs from the input's, max(--max-len-min[m], input length) 
 --max-new-tokens when given. Too long for the model: when the prompt (with its begin/end/tag tokens) plus
 the outputs' limits do not fit a tower's max_seq_len, the outputs' limits are cut to fit, last output
 first, with a warning; an input that leaves no room for even one output token is a ZipperError.
+Positions counted: every token fed to a tower (prompt, each output's tokens, end and begin tokens), but
+not the very last token generated, which is never fed back (a tower of max_seq_len 24 continues
+bos + 8 pieces by 16 tokens).
+
+Batches are right-padded and ragged (every row has its own positions); rows finish independently.
+Greedy and beam search are deterministic; sampling draws each example's tokens from its own generator
+seeded by (--seed, the example's index in the call), so its output does not depend on the batch. With one
+beam, beam search returns exactly the greedy output. The logits of every choice (return_logits) are the
+model's raw logits, before the modality mask, for greedy and sampling.
 """
 
 from __future__ import annotations
