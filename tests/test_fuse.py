@@ -98,6 +98,22 @@ def test_zipper_and_baseline_train_and_frozen_text_tower_is_kept(pretrained, tmp
     assert meta["arch"] == "single-decoder"
 
 
+def test_both_towers_frozen_trains_only_the_fusion_modules(pretrained, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(pretrained, run)
+    cfg = small_fuse(freeze="speech,text", train=TrainConfig(max_steps=3, lr=3e-3, warmup_steps=1, max_tokens=512,
+                                                             eval_every=3, ckpt_every=3))
+    assert cfg.resolved_tag() == "zipper-freeze-text-speech"
+    z = fuse(run, cfg)
+    fused = load_checkpoint(run / "fused" / "zipper-freeze-text-speech" / "model.pt")
+    for name in ("text", "speech"):
+        tower = load_checkpoint(run / "towers" / name / "model.pt")
+        assert all(torch.equal(fused[f"towers.{name}.{k}"], v) for k, v in tower.items())
+    n_towers = sum(v.numel() for k, v in fused.items() if k.startswith("towers."))
+    assert z["trainable_params"] == z["params"] - n_towers
+    assert any(g != 0 for k, g in z["final"].items() if k.startswith("gate/"))
+
+
 def test_fuse_errors(pretrained, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(pretrained, run, ignore=shutil.ignore_patterns("pretrain-speech.done.json"))
@@ -105,7 +121,7 @@ def test_fuse_errors(pretrained, tmp_path):
         fuse(run, small_fuse())
     with pytest.raises(ZipperError, match="--arch single-decoder trains all parameters"):
         fuse(run, small_fuse(arch="single-decoder"))
-    with pytest.raises(ZipperError, match="--freeze must be text, speech or none"):
+    with pytest.raises(ZipperError, match=r"--freeze must be text, speech, text,speech or none \(got 'both'\)"):
         fuse(run, small_fuse(freeze="both"))
 
 

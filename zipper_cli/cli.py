@@ -142,7 +142,7 @@ def fuse(
     run_dir: Path = RunDir,
     arch: str = typer.Option("zipper", "--arch", help="zipper | single-decoder (the paper's baseline)."),
     tag: Optional[str] = typer.Option(None, "--tag", help="Name under fused/ (default from arch, freeze, data size)."),
-    freeze: str = typer.Option("text", "--freeze", help="text | speech | none (zipper only)."),
+    freeze: str = typer.Option("text", "--freeze", help="text | speech | text,speech | none (zipper only)."),
     aligned_fraction: Optional[float] = typer.Option(None, help="Fraction of the aligned role (nested subsets)."),
     aligned_count: Optional[int] = typer.Option(None, help="Or this many aligned utterances."),
     subset_seed: int = typer.Option(0, help="Seed of the aligned subsets' ranking."),
@@ -221,16 +221,35 @@ def decode(
 def eval_(
     run_dir: Path = RunDir,
     decode_tags: List[str] = typer.Option([], "--decode", help="decode/TAG outputs to score; repeatable."),
-    judges: str = typer.Option("ctc,pocketsphinx", "--judges", help="ASR judges for TTS audio."),
+    compare: List[str] = typer.Option([], "--compare", help="Instead of scoring: put finished evals side by side. "
+                                      "Eval tags under eval/ (TAG:DECODE for one decode of a tag), comma list or "
+                                      "repeated; the first is the reference every other is tested against (Wilcoxon "
+                                      "signed-rank and paired bootstrap on per-utterance errors of the common "
+                                      "utterances). Writes eval/TAG/compare.json, compare.md and plots."),
+    judges: Optional[str] = typer.Option(None, "--judges", help="ASR judges for TTS audio: ctc,pocketsphinx (default "
+                                         "both); with --compare, the judges to compare (default all)."),
     tag: Optional[str] = typer.Option(None, "--tag", help="Name under eval/."),
     perplexity: bool = typer.Option(True, "--perplexity/--no-perplexity", help="Text perplexity rows."),
     judge_steps: Optional[int] = typer.Option(None, "--judge-steps", help="CTC judge training steps, if none is trained yet."),
+    resamples: int = typer.Option(10_000, "--resamples", help="--compare: paired bootstrap resamples."),
+    seed: int = typer.Option(0, "--seed", help="--compare: paired bootstrap seed."),
     force: bool = Force,
 ):
-    """ASR WER/CER, TTS WER through the vocoder and ASR judges, text perplexity; report.json/.md + plots."""
-    from .stages.evaluate import EvalConfig, evaluate_run
+    """ASR WER/CER, TTS WER through the vocoder and ASR judges, text perplexity; report.json/.md + plots.
+    With --compare A,B: those evals side by side with paired significance tests against A."""
+    judge_list = tuple(j.strip() for j in judges.split(",") if j.strip()) if judges is not None else None
+    if compare:
+        from .stages.compare import CompareConfig, compare_evals
 
-    cfg = EvalConfig(decode=tuple(decode_tags), judges=tuple(j.strip() for j in judges.split(",") if j.strip()),
+        if decode_tags:
+            raise ZipperError("--compare takes finished eval tags and --decode scores decode outputs: give one of them")
+        systems = tuple(s.strip() for c in compare for s in c.split(",") if s.strip())
+        compare_evals(run_dir, CompareConfig(systems=systems, judges=judge_list, tag=tag, resamples=resamples,
+                                             seed=seed), force=force)
+        return
+    from .stages.evaluate import JUDGES, EvalConfig, evaluate_run
+
+    cfg = EvalConfig(decode=tuple(decode_tags), judges=judge_list if judge_list is not None else JUDGES,
                      tag=tag, perplexity=perplexity, judge_steps=judge_steps)
     evaluate_run(run_dir, cfg, force=force)
 

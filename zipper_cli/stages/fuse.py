@@ -44,7 +44,8 @@ class FuseConfig:
     tag: Optional[str] = None
     """--tag: name of the fused model under fused/ (default: the architecture, freeze and data size)."""
     freeze: str = "text"
-    """--freeze: text | speech | none: towers whose own parameters are not trained (zipper only)."""
+    """--freeze: towers whose own parameters are not trained (zipper only): text, speech, text,speech
+    (the paper's frozen-speech-tower runs: only the fusion modules train) or none."""
     aligned_fraction: Optional[float] = None
     """--aligned-fraction: use this fraction of the aligned role (nested subsets; default all)."""
     aligned_count: Optional[int] = None
@@ -66,8 +67,7 @@ class FuseConfig:
     def validate(self) -> None:
         if self.arch not in ARCHS:
             raise ZipperError(f"--arch must be one of {', '.join(ARCHS)} (got {self.arch!r})")
-        if self.freeze not in ("text", "speech", "none"):
-            raise ZipperError(f"--freeze must be text, speech or none (got {self.freeze!r})")
+        self.frozen()
         if self.arch == "single-decoder" and self.freeze != "none":
             raise ZipperError("--arch single-decoder trains all parameters, as in the paper: use --freeze none")
         if self.tag is not None and (not self.tag or "/" in self.tag or self.tag.startswith(".")):
@@ -75,6 +75,15 @@ class FuseConfig:
         parse_task_mix(self.task_mix)
         self.train.validate()
         self.zipper_config().validate()
+
+    def frozen(self) -> list[str]:
+        """The towers --freeze names, in tower order."""
+        if self.freeze == "none":
+            return []
+        names = [x.strip() for x in self.freeze.split(",")]
+        if any(n not in ("text", "speech") for n in names) or len(set(names)) != len(names):
+            raise ZipperError(f"--freeze must be text, speech, text,speech or none (got {self.freeze!r})")
+        return [n for n in ("text", "speech") if n in names]
 
     def zipper_config(self, max_cross: int = 4) -> ZipperConfig:
         """The fusion config; without --n-cross, 4 cross-attention points (fewer for shallower towers)."""
@@ -87,7 +96,7 @@ class FuseConfig:
             return self.tag
         size = (f"-n{self.aligned_count}" if self.aligned_count else
                 f"-f{self.aligned_fraction:g}" if self.aligned_fraction is not None else "")
-        arch = "zipper-freeze-" + self.freeze if self.arch == "zipper" else "single-decoder"
+        arch = "zipper-freeze-" + ("-".join(self.frozen()) or "none") if self.arch == "zipper" else "single-decoder"
         return arch + size
 
 
@@ -209,7 +218,7 @@ def _fuse(run_dir: Path, cfg: FuseConfig, tag: str, out: Path, tok: dict, stage,
         speech_tower, _ = load_tower(tower_dir(run_dir, "speech"))
         depth = min(text_tower.cfg.n_layer, speech_tower.cfg.n_layer)
         model = Zipper.from_towers(cfg.zipper_config(depth), {"text": text_tower, "speech": speech_tower})
-        model.freeze([] if cfg.freeze == "none" else [cfg.freeze])
+        model.freeze(cfg.frozen())
         loss_fn = ZipperLoss()
         meta = {"arch": "zipper", "zipper": model.cfg.to_dict(),
                 "towers": {n: t.cfg.to_dict() for n, t in model.towers.items()}}
