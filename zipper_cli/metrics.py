@@ -78,32 +78,49 @@ def _alignment(o) -> str:
 
 
 def paired_bootstrap(errors_a: list[int], errors_b: list[int], ref_words: list[int], n: int = 10_000,
-                     seed: int = 0) -> dict:
+                     seed: int = 0, chunk: int = 500) -> dict:
     """Paired bootstrap over utterances (Koehn 2004; Bisani & Ney 2004): resample utterances with
     replacement, recompute both corpus WERs, and report how often B is not better than A.
 
-    Returns delta = WER_B - WER_A, its 95% interval, and p = P(WER_B >= WER_A) under resampling
-    (small p: B is significantly better; p near 1: A is)."""
+    Returns delta = WER_B - WER_A, its 95% interval, p_b_not_better = P(WER_B >= WER_A) under resampling
+    (small: B is significantly better; near 1: A is) and the two-sided p = 2 min(P(delta >= 0), P(delta <= 0)).
+    Resamples are drawn `chunk` at a time so memory stays small on large test sets."""
     a, b, w = (np.asarray(x, dtype=np.float64) for x in (errors_a, errors_b, ref_words))
     if not (len(a) == len(b) == len(w)) or len(a) == 0:
         raise ZipperError("paired test needs the same non-empty set of utterances for both systems")
     rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(a), size=(n, len(a)))
-    words = w[idx].sum(1)
-    delta = (b[idx].sum(1) - a[idx].sum(1)) / words
+    deltas = []
+    for start in range(0, n, chunk):
+        idx = rng.integers(0, len(a), size=(min(chunk, n - start), len(a)))
+        deltas.append((b[idx].sum(1) - a[idx].sum(1)) / w[idx].sum(1))
+    delta = np.concatenate(deltas)
+    not_better, not_worse = float((delta >= 0).mean()), float((delta <= 0).mean())
     return {"delta_wer": float((b.sum() - a.sum()) / w.sum()), "ci95": [float(np.percentile(delta, 2.5)),
-            float(np.percentile(delta, 97.5))], "p_b_not_better": float((delta >= 0).mean()), "resamples": n,
+            float(np.percentile(delta, 97.5))], "p_b_not_better": not_better,
+            "p_two_sided": min(1.0, 2 * min(not_better, not_worse)), "resamples": n, "seed": seed,
             "test": "paired bootstrap"}
 
 
+EXACT_WILCOXON_MAX_N = 50
+
+
 def wilcoxon(errors_a: list[float], errors_b: list[float]) -> dict:
-    """Wilcoxon signed-rank test on per-utterance error counts (two-sided, normal approximation with
-    tie and zero corrections, Pratt's handling of zero differences dropped: zeros are discarded)."""
-    d = np.asarray(errors_b, dtype=np.float64) - np.asarray(errors_a, dtype=np.float64)
+    """Wilcoxon signed-rank test of d = B - A on per-utterance error counts, two-sided.
+
+    Zero differences are discarded (Wilcoxon's treatment), tied |d| share their average rank. The statistic
+    is W+ (the rank sum of the positive differences: large when B makes more errors). p is exact for at most
+    50 non-zero differences (the permutation distribution of W+ given the observed ranks, ties included), and
+    otherwise the normal approximation with the tie correction and no continuity correction (`p_normal`,
+    always reported; scipy.stats.wilcoxon(d, correction=False, method="approx") gives the same)."""
+    a, b = np.asarray(errors_a, dtype=np.float64), np.asarray(errors_b, dtype=np.float64)
+    if a.shape != b.shape:
+        raise ZipperError(f"paired test needs the same utterances for both systems ({len(a)} vs {len(b)})")
+    d = b - a
     d = d[d != 0]
     n = len(d)
     if n == 0:
-        return {"statistic": 0.0, "z": 0.0, "p": 1.0, "n_nonzero": 0, "test": "wilcoxon signed-rank"}
+        return {"statistic": 0.0, "z": 0.0, "p": 1.0, "p_normal": 1.0, "method": "exact", "n_nonzero": 0,
+                "test": "wilcoxon signed-rank"}
     ranks = _average_ranks(np.abs(d))
     w_plus = float(ranks[d > 0].sum())
     mean = n * (n + 1) / 4
@@ -112,8 +129,25 @@ def wilcoxon(errors_a: list[float], errors_b: list[float]) -> dict:
     z = (w_plus - mean) / np.sqrt(var) if var > 0 else 0.0
     from math import erfc, sqrt
 
-    return {"statistic": w_plus, "z": float(z), "p": float(erfc(abs(z) / sqrt(2))), "n_nonzero": n,
-            "test": "wilcoxon signed-rank"}
+    p_normal = float(erfc(abs(z) / sqrt(2)))
+    exact = n <= EXACT_WILCOXON_MAX_N
+    p = _wilcoxon_exact_p(ranks, w_plus) if exact else p_normal
+    return {"statistic": w_plus, "z": float(z), "p": p, "p_normal": p_normal,
+            "method": "exact" if exact else "normal approximation", "n_nonzero": n, "test": "wilcoxon signed-rank"}
+
+
+def _wilcoxon_exact_p(ranks: np.ndarray, w_plus: float) -> float:
+    """Two-sided p of W+ under random signs: its exact distribution by dynamic programming over the doubled
+    (integer: average ranks are multiples of 1/2) ranks, p = 2 min(P(W+ <= w), P(W+ >= w)), at most 1."""
+    r2 = np.rint(2 * ranks).astype(np.int64)
+    dist = np.zeros(int(r2.sum()) + 1)
+    dist[0] = 1.0
+    for r in r2:
+        shifted = np.zeros_like(dist)
+        shifted[r:] = dist[: len(dist) - r]
+        dist = 0.5 * (dist + shifted)
+    w2 = int(round(2 * w_plus))
+    return float(min(1.0, 2 * min(dist[: w2 + 1].sum(), dist[w2:].sum())))
 
 
 def _average_ranks(x: np.ndarray) -> np.ndarray:
@@ -124,3 +158,57 @@ def _average_ranks(x: np.ndarray) -> np.ndarray:
         tie = x == v
         ranks[tie] = ranks[tie].mean()
     return ranks
+
+
+def length_buckets(lengths: list[int], max_buckets: int = 8) -> list[tuple[int, int]]:
+    """Reference-length buckets (lo, hi inclusive, in words) for WER-by-length: one per length when there are
+    at most `max_buckets` distinct lengths, else about equally many utterances per bucket, a length never
+    split across two buckets."""
+    if not lengths:
+        return []
+    values, counts = np.unique(np.asarray(lengths, dtype=np.int64), return_counts=True)
+    if len(values) <= max_buckets:
+        return [(int(v), int(v)) for v in values]
+    target = counts.sum() / max_buckets
+    buckets, lo, seen = [], int(values[0]), 0
+    for i, (v, c) in enumerate(zip(values, counts)):
+        seen += c
+        if seen >= target * (len(buckets) + 1) or i == len(values) - 1:
+            buckets.append((lo, int(v)))
+            if i + 1 < len(values):
+                lo = int(values[i + 1])
+    return buckets
+
+
+def wer_by_length(errors: list[int], ref_words: list[int], buckets: list[tuple[int, int]]) -> list[dict]:
+    """Corpus WER of the utterances whose reference length falls in each bucket (empty buckets are left out)."""
+    e, w = np.asarray(errors, dtype=np.int64), np.asarray(ref_words, dtype=np.int64)
+    out = []
+    for lo, hi in buckets:
+        m = (w >= lo) & (w <= hi)
+        if m.any():
+            out.append({"lo": lo, "hi": hi, "utterances": int(m.sum()), "errors": int(e[m].sum()),
+                        "ref_words": int(w[m].sum()), "wer": float(e[m].sum() / w[m].sum())})
+    return out
+
+
+GOLD_ROWS = {"asr": "ASR", "tts_vs_gold": "generated", "oracle_vs_gold": "oracle (gold units)",
+             "ground_truth_vs_gold": "ground-truth audio"}
+"""Per-utterance rows scored against the gold transcript, whose length buckets the WER-by-length table."""
+
+
+def wer_by_length_panels(rows: list[dict], label) -> dict[str, dict[str, list[dict]]]:
+    """{panel: {series: WER per reference-length bucket}}: panel "ASR" or "TTS, judge J", series label(row);
+    buckets shared by the series of a panel (metrics.length_buckets over their gold reference lengths)."""
+    groups: dict[str, dict[str, list[dict]]] = {}
+    for r in rows:
+        kind, _, judge = r["row"].partition("/")
+        if kind in GOLD_ROWS:
+            panel = "ASR" if kind == "asr" else f"TTS, judge {judge}"
+            groups.setdefault(panel, {}).setdefault(label(r), []).append(r)
+    out = {}
+    for panel, series in groups.items():
+        buckets = length_buckets([r["ref_words"] for rs in series.values() for r in rs])
+        out[panel] = {name: wer_by_length([r["errors"] for r in rs], [r["ref_words"] for r in rs], buckets)
+                      for name, rs in series.items()}
+    return out
