@@ -35,3 +35,72 @@ def plot_metrics(rows: list[dict], path: Path, title: str, keys=("loss", "dev_lo
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
     plt.close(fig)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+
+
+def plot_wer_by_length(panels: dict[str, dict[str, list[dict]]], path: Path, title: str) -> None:
+    """WER per reference-length bucket (the paper's Figure 2): one panel per task (e.g. ASR, TTS judged by ctc),
+    one line per series; `panels[panel][series]` is metrics.wer_by_length's rows (lo, hi, wer, utterances)."""
+    panels = {k: v for k, v in panels.items() if any(v.values())}
+    if not panels:
+        return
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), dpi=100, squeeze=False)
+    for ax, (panel, series) in zip(axes[0], panels.items()):
+        buckets = sorted({(b["lo"], b["hi"]) for rows in series.values() for b in rows})
+        pos = {bk: i for i, bk in enumerate(buckets)}
+        for label, rows in series.items():
+            if rows:
+                ax.plot([pos[(b["lo"], b["hi"])] for b in rows], [b["wer"] for b in rows], marker="o", label=label)
+        ax.set_xticks(range(len(buckets)), [f"{lo}" if lo == hi else f"{lo}-{hi}" for lo, hi in buckets])
+        ax.set_xlabel("reference length (words)")
+        ax.set_ylabel("WER")
+        ax.set_title(panel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(title)
+    _save(fig, path)
+
+
+def plot_wer_vs_aligned(panels: dict[str, dict[str, list[tuple[float, float, str]]]], path: Path, xlabel: str,
+                        title: str) -> None:
+    """WER against the amount of aligned fine-tuning data: one panel per task, one line per model family;
+    `panels[panel][series]` is a list of (x, wer, point label). A log x axis when x spans more than 10x."""
+    panels = {k: v for k, v in panels.items() if any(v.values())}
+    if not panels:
+        return
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), dpi=100, squeeze=False)
+    for ax, (panel, series) in zip(axes[0], panels.items()):
+        xs_all = [x for pts in series.values() for x, _, _ in pts]
+        for label, pts in series.items():
+            pts = sorted(pts)
+            ax.plot([x for x, _, _ in pts], [y for _, y, _ in pts], marker="o", label=label)
+            for x, y, name in pts:
+                ax.annotate(name, (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
+        if xs_all and min(xs_all) > 0 and max(xs_all) / min(xs_all) > 10:
+            ax.set_xscale("log")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("WER")
+        ax.set_title(panel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(title)
+    _save(fig, path)

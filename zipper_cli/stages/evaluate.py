@@ -23,11 +23,12 @@ import soundfile as sf
 import torch
 import torch.nn.functional as F
 
-from ..atomic import atomic_path, read_jsonl, sha256_file, sha256_json, write_json, write_jsonl, write_text
+from ..atomic import read_jsonl, sha256_file, sha256_json, write_json, write_jsonl, write_text
 from ..audio import read_audio
 from ..console import console, log
 from ..errors import ZipperError
-from ..metrics import score, utterance_errors
+from ..metrics import GOLD_ROWS, score, utterance_errors, wer_by_length_panels
+from ..plots import plot_wer_by_length
 from ..rundir import config_dict, init_run_dir, open_stage, require_stage
 from ..shards import load_role
 from ..vocab import to_sequence
@@ -85,7 +86,9 @@ def evaluate_run(run_dir: Path, cfg: EvalConfig, force: bool = False) -> dict | 
     init_run_dir(run_dir)
     with open_stage(run_dir, f"eval-{tag}", config_dict(cfg), inputs, force=force, log=log) as stage:
         if stage is None:
-            return json.loads((out / "report.json").read_text())
+            report = json.loads((out / "report.json").read_text())
+            print_report(report)
+            return report
         report = {"run": str(run_dir), "decode": {}, "judges": {}}
         utter_rows = []
         judges = {}
@@ -107,7 +110,8 @@ def evaluate_run(run_dir: Path, cfg: EvalConfig, force: bool = False) -> dict | 
         if cfg.perplexity:
             report["perplexity"] = _perplexities(run_dir, tok, decodes)
         write_jsonl(out / "utterances.jsonl", utter_rows)
-        _plot_wer_by_length(utter_rows, out / "wer_by_length.png")
+        report["wer_by_length"] = wer_by_length_panels(utter_rows, _length_label(utter_rows))
+        plot_wer_by_length(report["wer_by_length"], out / "wer_by_length.png", f"WER by utterance length: eval/{tag}")
         write_json(out / "report.json", report)
         write_text(out / "report.md", render_markdown(report))
         print_report(report)
@@ -237,6 +241,10 @@ def render_markdown(report: dict) -> str:
                   "|---|---|---|", f"| towers/text alone | {p['text_tower']:.4f} | |"]
         lines += [f"| {m} ({v['arch']}, freeze {v['freeze']}) | {v['perplexity']:.4f} | {'yes, exactly' if v['unchanged'] else 'no'} |"
                   for m, v in p.items() if isinstance(v, dict)]
+        lines.append("")
+    from .compare import length_markdown
+
+    lines += length_markdown(report.get("wer_by_length", {}))
     return "\n".join(lines) + "\n"
 
 
@@ -262,31 +270,6 @@ def print_report(report: dict) -> None:
                 log(f"  {m}: {v['perplexity']:.4f} ({'unchanged, exactly' if v['unchanged'] else 'changed'})")
 
 
-def _plot_wer_by_length(rows: list[dict], path: Path) -> None:
-    """WER against reference length in words, one line per (decode, row) (the paper's Figure 2)."""
-    if not rows:
-        return
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
-    series = sorted({(r["decode"], r["row"]) for r in rows})
-    for dtag, row in series:
-        pts = [r for r in rows if r["decode"] == dtag and r["row"] == row]
-        by_len = {}
-        for r in pts:
-            e, w = by_len.get(r["ref_words"], (0, 0))
-            by_len[r["ref_words"]] = (e + r["errors"], w + r["ref_words"])
-        xs = sorted(by_len)
-        ax.plot(xs, [by_len[x][0] / by_len[x][1] for x in xs], marker="o", label=f"{dtag} {row}")
-    ax.set_xlabel("reference length (words)")
-    ax.set_ylabel("WER")
-    ax.set_title("WER by utterance length")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=6)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
+def _length_label(rows: list[dict]):
+    several = len({r["decode"] for r in rows}) > 1
+    return lambda r: (f"{r['decode']}: " if several else "") + GOLD_ROWS[r["row"].partition("/")[0]]
