@@ -239,10 +239,10 @@ def eval_(
     With --compare A,B: those evals side by side with paired significance tests against A."""
     judge_list = tuple(j.strip() for j in judges.split(",") if j.strip()) if judges is not None else None
     if compare:
-        from .stages.compare import CompareConfig, compare_evals
-
         if decode_tags:
             raise ZipperError("--compare takes finished eval tags and --decode scores decode outputs: give one of them")
+        from .stages.compare import CompareConfig, compare_evals
+
         systems = tuple(s.strip() for c in compare for s in c.split(",") if s.strip())
         compare_evals(run_dir, CompareConfig(systems=systems, judges=judge_list, tag=tag, resamples=resamples,
                                              seed=seed), force=force)
