@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import speechlike
+from conftest import speechlike, write_wav
 from zipper_cli.audio import read_audio
 from zipper_cli.errors import ZipperError
 from zipper_cli.judges import PocketsphinxJudge, wer
@@ -57,6 +57,16 @@ def test_deterministic_and_order_independent(judge, festival):
     judge.transcribe(loud_noise)
     assert judge.transcribe(festival[1]) == first[1]
     assert PocketsphinxJudge().transcribe(festival[2]) == first[2]
+
+
+def test_same_file_twice_with_batch_cmn(judge, tmp_path):
+    """cmn=batch and a fresh front end: the same WAV file gives the same transcript twice in one judge, with
+    another file decoded in between (a new judge gives the same too: test_deterministic_and_order_independent)."""
+    assert judge._decoder.config["cmn"] == "batch" and "cmn=batch" in judge.version
+    path = write_wav(tmp_path / "a.wav", 2.0, seed=3)
+    first = judge.transcribe(read_audio(str(path)))
+    judge.transcribe(speechlike(1.0, seed=4))
+    assert judge.transcribe(read_audio(str(path))) == first
 
 
 def test_edge_inputs(judge):
