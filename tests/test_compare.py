@@ -18,7 +18,7 @@ from zipper_cli.metrics import score, utterance_errors, wer_by_length_panels
 from zipper_cli.plots import plot_wer_by_length
 from zipper_cli.rundir import marker_path
 from zipper_cli.stages.compare import CompareConfig, compare_evals
-from zipper_cli.stages.evaluate import render_markdown
+from zipper_cli.stages.evaluate import length_label, render_markdown
 
 REF = "one two three four"
 IDS = [f"u{i}" for i in range(9)]
@@ -85,9 +85,9 @@ def run(tmp_path: Path) -> Path:
     return run
 
 
-def compare(run: Path, *systems, **kw):
+def compare(run: Path, *systems, force: bool = False, **kw):
     kw.setdefault("resamples", 2000)
-    return compare_evals(run, CompareConfig(systems=tuple(systems), **kw))
+    return compare_evals(run, CompareConfig(systems=tuple(systems), **kw), force=force)
 
 
 def by_row(result: dict) -> dict:
@@ -135,6 +135,13 @@ def test_no_aligned_plot_when_models_share_the_data(run):
     # the same errors: nothing to test
     same = compare(run, "B", "A2", tag="same")
     assert by_row(same)["asr"]["A2"]["vs_reference"]["wilcoxon"]["p"] == 1.0
+    # a different comparison under a finished tag: refused, then redone with --force without the stale plot
+    compare(run, "A", "B", tag="t")
+    assert (run / "eval" / "t" / "wer_vs_aligned.png").exists()
+    with pytest.raises(ZipperError, match="stage 'eval-t' already finished .* with a different config"):
+        compare(run, "A", "A2", tag="t")
+    compare(run, "A", "A2", tag="t", force=True)
+    assert not (run / "eval" / "t" / "wer_vs_aligned.png").exists()
 
 
 def test_partial_overlap_uses_common_utterances(run):
@@ -249,6 +256,10 @@ def test_eval_report_wer_by_length_and_markdown(tmp_path):
     assert set(panels) == {"ASR", "TTS, judge ctc"} and set(panels["TTS, judge ctc"]) == {"tts_vs_gold/ctc",
                                                                                         "oracle_vs_gold/ctc"}
     assert [(b["lo"], b["wer"]) for b in panels["ASR"]["asr"]] == [(2, 0.25), (4, 0.5), (6, 0.5)]
+    named = wer_by_length_panels(rows, length_label(rows))
+    assert set(named["TTS, judge ctc"]) == {"generated", "oracle (gold units)"} and set(named["ASR"]) == {"ASR"}
+    two = rows + [dict(r, decode="asr2") for r in rows if r["row"] == "asr"]
+    assert set(wer_by_length_panels(two, length_label(two))["ASR"]) == {"asr: ASR", "asr2: ASR"}
     plot_wer_by_length(panels, tmp_path / "w.png", "t")
     assert (tmp_path / "w.png").read_bytes()[:8] == PNG
     report = {"run": "r", "decode": {"asr": {"model": "fused/x", "outputs": ["text"], "split": "test",

@@ -273,6 +273,8 @@ def _plots(out: Path, result: dict, tag: str) -> list[str]:
     if result["wer_by_length"]:
         plot_wer_by_length(result["wer_by_length"], out / "wer_by_length.png", f"WER by utterance length: {tag}")
         plots.append("wer_by_length.png")
+    fused = [r for c in result["rows"] for r in c["results"] if r.get("aligned_utterances")]
+    fraction = all(r.get("aligned_fraction") is not None for r in fused)  # one x axis: fractions, else counts
     panels = {}
     for c in result["rows"]:
         kind, judge = _kind(c["row"])
@@ -282,14 +284,15 @@ def _plots(out: Path, result: dict, tag: str) -> list[str]:
         series = panels.setdefault("ASR" if kind == "asr" else f"TTS vs gold, judge {judge}", {})
         for r in pts:
             family = f"{r['arch']}" + (f", freeze {r['freeze']}" if r["arch"] == "zipper" else "")
-            x = r["aligned_fraction"] if r["aligned_fraction"] is not None else r["aligned_utterances"]
+            x = r["aligned_fraction"] if fraction else r["aligned_utterances"]
             series.setdefault(family, []).append((x, r["wer"], r["system"]))
+    stale = out / "wer_vs_aligned.png"
     if panels:
-        fraction = all(r.get("aligned_fraction") is not None for c in result["rows"] for r in c["results"]
-                       if r.get("aligned_utterances"))
-        plot_wer_vs_aligned(panels, out / "wer_vs_aligned.png",
-                            "aligned-data fraction" if fraction else "aligned utterances", f"WER vs aligned data: {tag}")
+        plot_wer_vs_aligned(panels, stale, "aligned-data fraction" if fraction else "aligned utterances",
+                            f"WER vs aligned data: {tag}")
         plots.append("wer_vs_aligned.png")
+    elif stale.exists():  # from an earlier comparison under this tag (--force)
+        stale.unlink()
     return plots
 
 

@@ -8,7 +8,9 @@ TTS     generated units -> vocoder -> audio -> ASR judge, scored against the gol
 Text    perplexity on the split's text of the text tower alone and through the fused model; whether the
         frozen text tower's perplexity is unchanged (exactly).
 
-Writes eval/TAG/: report.json, report.md, utterances.jsonl (per utterance, per row), wer_by_length.png.
+Writes eval/TAG/: report.json, report.md, utterances.jsonl (per utterance, per row), wer_by_length.png (WER per
+gold-reference-length bucket, the paper's Figure 2). `zipper eval --compare` (stages/compare.py) puts finished
+evals side by side with paired significance tests.
 """
 
 from __future__ import annotations
@@ -110,7 +112,7 @@ def evaluate_run(run_dir: Path, cfg: EvalConfig, force: bool = False) -> dict | 
         if cfg.perplexity:
             report["perplexity"] = _perplexities(run_dir, tok, decodes)
         write_jsonl(out / "utterances.jsonl", utter_rows)
-        report["wer_by_length"] = wer_by_length_panels(utter_rows, _length_label(utter_rows))
+        report["wer_by_length"] = wer_by_length_panels(utter_rows, length_label(utter_rows))
         plot_wer_by_length(report["wer_by_length"], out / "wer_by_length.png", f"WER by utterance length: eval/{tag}")
         write_json(out / "report.json", report)
         write_text(out / "report.md", render_markdown(report))
@@ -270,6 +272,11 @@ def print_report(report: dict) -> None:
                 log(f"  {m}: {v['perplexity']:.4f} ({'unchanged, exactly' if v['unchanged'] else 'changed'})")
 
 
-def _length_label(rows: list[dict]):
-    several = len({r["decode"] for r in rows}) > 1
+def length_label(rows: list[dict]):
+    """Series names of the WER-by-length panels: the row ("ASR", "generated", "oracle (gold units)", ...),
+    prefixed by the decode tag when several decodes have rows of the same kind."""
+    decodes: dict[str, set] = {}
+    for r in rows:
+        decodes.setdefault(r["row"], set()).add(r["decode"])
+    several = any(len(d) > 1 for d in decodes.values())
     return lambda r: (f"{r['decode']}: " if several else "") + GOLD_ROWS[r["row"].partition("/")[0]]
