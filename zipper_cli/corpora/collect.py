@@ -13,8 +13,8 @@ from pathlib import Path
 
 from ..atomic import sha256_file
 from ..text_norm import normalize_text
-from .sources import (BUILTIN, parse_corpus_spec, parse_subset_roles, read_kaldi, read_librispeech, read_manifest,
-                      read_text_file, valid_id, _reject)
+from .sources import (BUILTIN, UNLABELED_WINDOW_SECONDS, parse_corpus_spec, parse_subset_roles, read_kaldi,
+                      read_librispeech, read_manifest, read_text_file, valid_id, _reject)
 
 NEEDS_TEXT = ("text", "aligned", "dev", "test")
 NEEDS_AUDIO = ("speech", "aligned", "dev", "test")
@@ -25,6 +25,7 @@ def collect_rows(cfg, cache_dir: Path, log) -> tuple[list[dict], list[dict], dic
     from ..atomic import read_jsonl
 
     rows, rejects, inputs = [], [], {}
+    subsets_seen: set[str] = set()
     subset_roles = parse_subset_roles(list(cfg.subset_roles))
     specs = [parse_corpus_spec(s) for s in cfg.corpus]
     if not specs:
@@ -43,12 +44,17 @@ def collect_rows(cfg, cache_dir: Path, log) -> tuple[list[dict], list[dict], dic
                              "speaker": r.get("speaker"), "start": None, "end": None, "source": spec.raw})
             inputs[spec.raw] = sha256_file(corpus_dir / "manifest.jsonl")
         elif spec.kind == "librispeech":
-            got, rej, summary = read_librispeech(spec, subset_roles)
+            # Unlabeled (LibriLight) files are cut into windows the audio limits accept.
+            window = min(UNLABELED_WINDOW_SECONDS, cfg.limits.max_seconds)
+            got, rej, summary = read_librispeech(spec, subset_roles, check_unknown=False, window_seconds=window)
             rows += got
             rejects += rej
+            subsets_seen.update(summary)
             for subset, (role, n) in summary.items():
                 log(f"[tokenize] {spec.raw}: subset {subset} -> role {role} ({n} utterances)")
-            inputs[spec.raw] = _digest(sorted(Path(spec.path).rglob("*.trans.txt")) + sorted(Path(spec.path).rglob("*.normalized.txt")))
+            listing = sorted(Path(spec.path).rglob("*.trans.txt")) + sorted(Path(spec.path).rglob("*.normalized.txt"))
+            unlabeled = sorted({r["audio"] for r in got if r["text"] is None and r["role"] == "speech"})
+            inputs[spec.raw] = _digest(listing, names=unlabeled)
         elif spec.kind == "kaldi":
             got, rej = read_kaldi(spec)
             rows += got
@@ -62,6 +68,11 @@ def collect_rows(cfg, cache_dir: Path, log) -> tuple[list[dict], list[dict], dic
     if subset_roles and not any(s.kind == "librispeech" for s in specs):
         from ..errors import ZipperError
         raise ZipperError("--subset-role applies to librispeech:DIR corpora only")
+    unknown = set(subset_roles) - subsets_seen
+    if unknown and subsets_seen:
+        from ..errors import ZipperError
+        raise ZipperError(f"--subset-role names {', '.join(sorted(unknown))}, not a subset of any librispeech:DIR "
+                          f"corpus (subsets: {', '.join(sorted(subsets_seen))})")
     for path in cfg.text_files:
         got, rej = read_text_file(path)
         rows += got
@@ -70,12 +81,15 @@ def collect_rows(cfg, cache_dir: Path, log) -> tuple[list[dict], list[dict], dic
     return rows, rejects, inputs
 
 
-def _digest(paths: list[Path]) -> str:
-    """One checksum over the listing files of a corpus (the audio itself is not hashed: too slow)."""
+def _digest(paths: list[Path], names: list[str] = ()) -> str:
+    """One checksum over the listing files of a corpus (the audio itself is not hashed: too slow), and
+    over the names and sizes of `names` (unlabeled audio, which has no listing file)."""
     h = hashlib.sha256()
     for p in paths:
         h.update(str(p).encode())
         h.update(p.read_bytes())
+    for name in names:
+        h.update(f"{name}\0{Path(name).stat().st_size}\0".encode())
     return h.hexdigest()
 
 

@@ -2,7 +2,8 @@
 
 `--corpus` takes KIND[:PATH][@ROLE]:
   demo | english                 built-in, synthesized offline (corpora/builtin.py)
-  librispeech:DIR                LibriSpeech or LibriTTS layout; subsets map to roles (--subset-role)
+  librispeech:DIR                LibriSpeech, LibriTTS or LibriLight (unlabeled) layout; subsets map to
+                                 roles (--subset-role)
   kaldi:DIR@ROLE                 wav.scp (+ text, segments, utt2spk); ROLE defaults to aligned
   manifest:FILE.jsonl[@ROLE]     one JSON object per line: id, audio and/or text, role (or @ROLE)
 
@@ -14,6 +15,7 @@ Every adapter returns rows {id, role, text, audio, speaker, start, end, source} 
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,26 +101,53 @@ def default_subset_role(name: str) -> str:
     return "test" if "test" in n else "dev" if "dev" in n else "aligned"
 
 
-def read_librispeech(spec: CorpusSpec, subset_roles: dict[str, str]) -> tuple[list, list, dict]:
-    """LibriSpeech (SPK/CHAP/SPK-CHAP.trans.txt + .flac) or LibriTTS (ID.normalized.txt + ID.wav).
+UNLABELED_WINDOW_SECONDS = 20.0
+_AUDIO_EXTS = (".flac", ".wav", ".opus", ".ogg", ".mp3")
+
+
+def _has_transcripts(d: Path) -> bool:
+    return bool(next(d.glob("*/*/*.trans.txt"), None) or next(d.glob("*/*/*.normalized.txt"), None))
+
+
+def _has_audio(d: Path) -> bool:
+    return any(next(d.glob(f"*/*/*{ext}"), None) for ext in _AUDIO_EXTS)
+
+
+def read_librispeech(spec: CorpusSpec, subset_roles: dict[str, str], check_unknown: bool = True,
+                     window_seconds: float = UNLABELED_WINDOW_SECONDS) -> tuple[list, list, dict]:
+    """LibriSpeech (SPK/CHAP/SPK-CHAP.trans.txt + .flac), LibriTTS (ID.normalized.txt + ID.wav), or
+    LibriLight (SPK/BOOK/*.flac, no transcripts).
 
     Subsets are the directories holding speaker folders: DIR's children, or DIR itself when it is
-    one subset. Returns rows, rejects and {subset: (role, utterances)} for the summary.
+    one subset. A subset with audio but no transcript anywhere (LibriLight's small/medium/large) is
+    unlabeled: its role is `speech` (the only one it can take), and each file longer than
+    `window_seconds` is cut into equal windows no longer than that (rows with start/end, read from
+    the header only), since LibriLight files are whole chapters. Returns rows, rejects and
+    {subset: (role, utterances)} for the summary. `check_unknown=False` leaves the check that every
+    --subset-role name exists to a caller that reads several such corpora.
     """
     root = Path(spec.path)
-    has_transcripts = lambda d: next(d.glob("*/*/*.trans.txt"), None) or next(d.glob("*/*/*.normalized.txt"), None)
-    subsets = [root] if has_transcripts(root) else sorted(d for d in root.iterdir() if d.is_dir() and has_transcripts(d))
+    usable = lambda d: _has_transcripts(d) or _has_audio(d)
+    subsets = [root] if usable(root) else sorted(d for d in root.iterdir() if d.is_dir() and usable(d))
     if not subsets:
-        raise ZipperError(f"--corpus {spec.raw}: no LibriSpeech (*.trans.txt) or LibriTTS (*.normalized.txt) "
-                          f"transcripts found under {root}")
+        raise ZipperError(f"--corpus {spec.raw}: no LibriSpeech (*.trans.txt), LibriTTS (*.normalized.txt) or "
+                          f"LibriLight (SPK/BOOK/*.flac) subsets found under {root}")
     unknown = set(subset_roles) - {d.name for d in subsets}
-    if unknown:
+    if check_unknown and unknown:
         raise ZipperError(f"--subset-role names {', '.join(sorted(unknown))}, not a subset of {root} "
                           f"(subsets: {', '.join(d.name for d in subsets)})")
     rows, rejects, summary = [], [], {}
     for subset in subsets:
-        role = subset_roles.get(subset.name, default_subset_role(subset.name))
         before = len(rows)
+        if not _has_transcripts(subset):
+            role = subset_roles.get(subset.name, "speech")
+            if role != "speech":
+                raise ZipperError(f"--subset-role {subset.name}={role}: {subset} has no transcripts "
+                                  "(LibriLight layout), so it can only be role speech")
+            rows += _unlabeled_rows(subset, spec.raw, rejects, window_seconds)
+            summary[subset.name] = (role, len(rows) - before)
+            continue
+        role = subset_roles.get(subset.name, default_subset_role(subset.name))
         for trans in sorted(subset.glob("*/*/*.trans.txt")):  # LibriSpeech
             for n, line in _decode_lines(trans, spec.raw, rejects):
                 uid, _, text = line.partition(" ")
@@ -135,8 +164,37 @@ def read_librispeech(spec: CorpusSpec, subset_roles: dict[str, str]) -> tuple[li
     return rows, rejects, summary
 
 
+def _unlabeled_rows(subset: Path, source: str, rejects: list, window_seconds: float) -> list:
+    """Speech-role rows for every audio file under SUBSET/SPK/BOOK/, long files cut into windows.
+
+    Ids are SPK-BOOK-STEM (LibriLight stems repeat across books), with _wNNNN per window.
+    """
+    import soundfile as sf
+
+    rows = []
+    files = sorted(p for ext in _AUDIO_EXTS for p in subset.glob(f"*/*/*{ext}"))
+    for path in files:
+        spk, book = path.parent.parent.name, path.parent.name
+        uid = f"{spk}-{book}-{path.stem}".replace(" ", "_").replace("/", "_")
+        try:
+            info = sf.info(str(path))
+            seconds = info.frames / info.samplerate
+        except Exception as e:  # noqa: BLE001 - any header problem is this file's reject
+            rejects.append(_reject(source, uid, "unreadable", f"{path}: {' '.join(str(e).split()) or type(e).__name__}"))
+            continue
+        n = max(1, math.ceil(seconds / window_seconds - 1e-9)) if window_seconds > 0 else 1
+        if n == 1:
+            rows.append(_row(uid, "speech", None, str(path), source, speaker=spk))
+            continue
+        step = seconds / n
+        for k in range(n):
+            rows.append(_row(f"{uid}_w{k:04d}", "speech", None, str(path), source, speaker=spk,
+                             start=round(k * step, 3), end=round((k + 1) * step, 3) if k < n - 1 else None))
+    return rows
+
+
 def _find_audio(directory: Path, uid: str) -> Path | None:
-    for ext in (".flac", ".wav", ".opus", ".ogg", ".mp3"):
+    for ext in _AUDIO_EXTS:
         if (directory / f"{uid}{ext}").exists():
             return directory / f"{uid}{ext}"
     return None
