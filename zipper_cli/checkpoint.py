@@ -3,11 +3,15 @@
 ckpt/step-XXXXXXXX.pt    torch.save of plain tensors and numbers (loaded with weights_only=True)
 ckpt/step-XXXXXXXX.json  its sha256, step and dev loss, written after the .pt: a .pt without a
                          matching .json is unfinished or corrupt and is skipped with a warning.
+
+Resuming takes the newest checkpoint whose bytes match their recorded sha256 and that loads; a
+truncated or corrupted one is reported on stderr (naming the file) and the previous one is used.
 """
 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -25,18 +29,22 @@ def save_checkpoint(ckpt_dir: Path, step: int, state: dict, dev_loss: float | No
     path = ckpt_dir / f"{ckpt_name(step)}.pt"
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
-    write_json(ckpt_dir / f"{ckpt_name(step)}.json", {"step": step, "sha256": sha256_file(path), "dev_loss": dev_loss})
+        digest = sha256_file(tmp)  # of the bytes written, before the rename makes them the checkpoint
+    write_json(ckpt_dir / f"{ckpt_name(step)}.json", {"step": step, "sha256": digest, "dev_loss": dev_loss})
     _prune(ckpt_dir, keep_last)
     return path
 
 
 def _records(ckpt_dir: Path) -> list[dict]:
+    """The checksum records, oldest first; unreadable ones are skipped (they are written atomically)."""
     out = []
     for meta in sorted(Path(ckpt_dir).glob("step-*.json")):
         try:
-            out.append(json.loads(meta.read_text()))
-        except (OSError, json.JSONDecodeError):
+            rec = json.loads(meta.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
             continue
+        if isinstance(rec, dict) and isinstance(rec.get("step"), int):
+            out.append(rec)
     return out
 
 
@@ -51,6 +59,12 @@ def _prune(ckpt_dir: Path, keep_last: int) -> None:
         if r["step"] not in keep:
             (ckpt_dir / f"{ckpt_name(r['step'])}.json").unlink(missing_ok=True)  # meta first: a .pt alone is ignored
             (ckpt_dir / f"{ckpt_name(r['step'])}.pt").unlink(missing_ok=True)
+    # A .pt without a record, older than the newest record: left by a kill during an earlier save or prune.
+    recorded = {ckpt_name(r["step"]) for r in recs}
+    newest = max((r["step"] for r in recs), default=-1)
+    for orphan in ckpt_dir.glob("step-*.pt"):
+        if orphan.stem not in recorded and _step_of(orphan) < newest:
+            orphan.unlink(missing_ok=True)
 
 
 def best_step(ckpt_dir: Path) -> int | None:
@@ -66,12 +80,38 @@ def load_checkpoint(path: Path) -> dict:
         raise ZipperError(f"{path}: not a loadable zipper checkpoint ({' '.join(str(e).split())[:200]})") from None
 
 
-def latest_checkpoint(ckpt_dir: Path, log=print) -> tuple[int, dict] | None:
-    """The newest checkpoint whose checksum verifies; corrupt ones are skipped with a warning."""
-    for rec in reversed(_records(ckpt_dir)):
-        path = Path(ckpt_dir) / f"{ckpt_name(rec['step'])}.pt"
-        if not path.exists() or sha256_file(path) != rec.get("sha256"):
-            log(f"warning: {path} is missing or fails its checksum; using the previous checkpoint")
+def warn(msg: str) -> None:
+    """A warning on stderr (stdout is for progress and results)."""
+    print(msg, file=sys.stderr, flush=True)
+
+
+def latest_checkpoint(ckpt_dir: Path, log=warn) -> tuple[int, dict] | None:
+    """The newest checkpoint whose checksum verifies and that loads; the others are skipped with a warning
+    naming the file (a truncated or corrupted checkpoint falls back to the previous one)."""
+    ckpt_dir = Path(ckpt_dir)
+    recs = _records(ckpt_dir)
+    recorded = {ckpt_name(r["step"]) for r in recs}
+    newest = max((r["step"] for r in recs), default=-1)
+    for orphan in sorted(ckpt_dir.glob("step-*.pt")):
+        if orphan.stem not in recorded and _step_of(orphan) > newest:
+            log(f"warning: {orphan} has no checksum record (interrupted while saving); ignored")
+    for rec in reversed(recs):
+        path = ckpt_dir / f"{ckpt_name(rec['step'])}.pt"
+        if not path.exists():
+            log(f"warning: {path} is missing; using the previous checkpoint")
             continue
-        return rec["step"], load_checkpoint(path)
+        if sha256_file(path) != rec.get("sha256"):
+            log(f"warning: {path} fails its checksum (truncated or corrupted); using the previous checkpoint")
+            continue
+        try:
+            return rec["step"], load_checkpoint(path)
+        except ZipperError as e:
+            log(f"warning: {e}; using the previous checkpoint")
     return None
+
+
+def _step_of(path: Path) -> int:
+    try:
+        return int(path.stem.split("-", 1)[1])
+    except (IndexError, ValueError):
+        return -1

@@ -28,9 +28,9 @@ from typing import Callable, Sequence
 import torch
 import torch.distributed as dist
 
-from .atomic import write_json, write_jsonl
+from .atomic import kill_point, write_json, write_jsonl
 from .batching import make_batches
-from .checkpoint import latest_checkpoint, save_checkpoint
+from .checkpoint import latest_checkpoint, save_checkpoint, warn
 from .console import log as console_log, progress
 from .errors import Interrupted, ZipperError
 from .rundir import diff_keys, init_run_dir, open_stage
@@ -241,7 +241,8 @@ def train(out_dir: Path, model: torch.nn.Module, train_examples: Sequence, dev_e
         ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[d.local_rank] if device == "cuda" else None)
 
     step, epoch, batch_pos = 0, 0, 0
-    resumed = latest_checkpoint(ckpt_dir, log=log)
+    loss, last_dev = float("nan"), None
+    resumed = latest_checkpoint(ckpt_dir, log=warn if d.main else (lambda *_: None))
     if resumed is not None:
         step, state = resumed
         model.load_state_dict(state["model"])
@@ -251,11 +252,14 @@ def train(out_dir: Path, model: torch.nn.Module, train_examples: Sequence, dev_e
         torch.set_rng_state(rng[d.rank % rng.shape[0]] if rng.dim() > 1 else rng)
         if device == "cuda" and "rng_cuda" in state:
             torch.cuda.set_rng_state(state["rng_cuda"])
+        loss = float(state.get("loss", float("nan")))  # what the summary reports if no step is left to run
+        last_dev = float(state["last_dev"]) if state.get("last_dev") is not None else None
         if d.main:
             log(f"resuming from {ckpt_dir} at step {step}")
-        _truncate_metrics(out_dir / "metrics.jsonl", step)
     else:
         torch.manual_seed(cfg.seed + d.rank)  # dropout differs per rank, as each sees other data
+    if d.main:  # rows logged after the checkpoint (or by a run killed before its first one) are redone
+        _truncate_metrics(out_dir / "metrics.jsonl", step)
 
     stop = _Stop()
     old_handlers = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
@@ -263,7 +267,6 @@ def train(out_dir: Path, model: torch.nn.Module, train_examples: Sequence, dev_e
     batches = make_batches(lengths, cfg.max_tokens, cfg.seed, epoch, groups=groups)
     if not batches:
         raise ZipperError("no training examples")
-    last_dev = None
     t_start, tokens_seen = time.time(), 0
     try:
         with progress() as bar:
@@ -326,11 +329,12 @@ def train(out_dir: Path, model: torch.nn.Module, train_examples: Sequence, dev_e
                 if d.main:
                     _append(metrics_path, row)
                     bar.update(task, completed=step, description=f"step {step} loss {loss:.3f} {row['tokens_per_s']:,.0f} tok/s")
+                kill_point(f"step:{step}")
                 stop_now = torch.tensor(float(stop.signum is not None))
                 if d.world > 1:
                     dist.all_reduce(stop_now, op=dist.ReduceOp.MAX)
                 if step % cfg.ckpt_every == 0 or step == cfg.max_steps or stop_now.item():
-                    _save(ckpt_dir, model, opt, step, epoch, batch_pos, last_dev, cfg, device, d)
+                    _save(ckpt_dir, model, opt, step, epoch, batch_pos, last_dev, cfg, device, d, loss)
                 if stop_now.item() and step < cfg.max_steps:
                     raise Interrupted(f"stopped by signal at step {step}; checkpoint saved in {ckpt_dir}; "
                                             "rerun the same command to resume")
@@ -367,7 +371,7 @@ def evaluate(model, examples: Sequence, loss_fn: LossFn, cfg: TrainConfig, devic
     return (total[0] / total[1]).item()
 
 
-def _save(ckpt_dir, model, opt, step, epoch, batch_pos, dev_loss, cfg, device, d: Dist) -> None:
+def _save(ckpt_dir, model, opt, step, epoch, batch_pos, dev_loss, cfg, device, d: Dist, loss: float) -> None:
     rng = torch.get_rng_state()
     if d.world > 1:  # every rank's dropout RNG, so a resumed DDP run continues exactly too
         gathered = [None] * d.world
@@ -375,7 +379,7 @@ def _save(ckpt_dir, model, opt, step, epoch, batch_pos, dev_loss, cfg, device, d
         rng = torch.stack(gathered)
     if d.main:
         state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step, "epoch": epoch,
-                 "batch_pos": batch_pos, "rng_cpu": rng}
+                 "batch_pos": batch_pos, "rng_cpu": rng, "loss": loss, "last_dev": dev_loss}
         if device == "cuda":
             state["rng_cuda"] = torch.cuda.get_rng_state()
         save_checkpoint(ckpt_dir, step, state, dev_loss, cfg.keep_last)
@@ -390,7 +394,16 @@ def _append(path: Path, row: dict) -> None:
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
-    """On resume, drop metric rows logged after the checkpoint so the log matches the run."""
-    if path.exists():
-        rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
-        write_jsonl(path, [r for r in rows if r.get("step", 0) <= step])
+    """On resume, drop metric rows logged after the checkpoint so the log matches the run; a line cut
+    short by a kill is dropped too."""
+    if not path.exists():
+        return
+    rows = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and row.get("step", 0) <= step:
+            rows.append(row)
+    write_jsonl(path, rows)
