@@ -9,10 +9,14 @@ point, exactly as `kill -9` would. `subprocess=True` runs a real `python -m zipp
 
 from __future__ import annotations
 
+import io
+import json
+import math
 import os
 import signal
 import subprocess
 import sys
+import tempfile
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,13 +75,38 @@ def zipper(*args, cwd: Path, kill_at: str | None = None, env: dict | None = None
     return result
 
 
-_seq = [0]
+class Child:
+    """A forked `zipper` run in progress (see spawn)."""
+
+    def __init__(self, pid: int, args: list, out: Path, err: Path):
+        self.pid, self.args, self.out, self.err = pid, args, out, err
+
+    def wait_stopped(self) -> None:
+        """Wait until the child paused itself (ZIPPER_TEST_KILL_SIGNAL=STOP) at its kill point."""
+        _, status = os.waitpid(self.pid, os.WUNTRACED)
+        assert os.WIFSTOPPED(status), f"zipper {self.args} ended instead of pausing: {self.result(status)}"
+
+    def resume(self) -> None:
+        os.kill(self.pid, signal.SIGCONT)
+
+    def wait(self) -> Result:
+        _, status = os.waitpid(self.pid, 0)
+        return self.result(status)
+
+    def result(self, status: int) -> Result:
+        code = -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+        result = Result(self.args, code, self.out.read_text(errors="replace"), self.err.read_text(errors="replace"))
+        self.out.unlink()
+        self.err.unlink()
+        self.out.parent.rmdir()
+        return result
 
 
-def _forked(args: list[str], cwd: Path, env: dict) -> Result:
-    _seq[0] += 1
-    out_dir = cwd / f".cli-out-{os.getpid()}-{_seq[0]}"
-    out_dir.mkdir(parents=True, exist_ok=True)
+def spawn(*args, cwd: Path, env: dict | None = None) -> Child:
+    """Start `zipper ARGS` in a forked child and return without waiting."""
+    args = [str(a) for a in args]
+    cwd = Path(cwd)
+    out_dir = Path(tempfile.mkdtemp(prefix="zipper-cli-"))  # not under cwd: that may be a full disk
     out, err = out_dir / "stdout", out_dir / "stderr"
     sys.stdout.flush()
     sys.stderr.flush()
@@ -86,7 +115,7 @@ def _forked(args: list[str], cwd: Path, env: dict) -> Result:
         code = 1
         try:
             os.chdir(cwd)
-            os.environ.update(env)
+            os.environ.update(env or {})
             fo, fe = open(out, "w", buffering=1), open(err, "w", buffering=1)
             os.dup2(fo.fileno(), 1)
             os.dup2(fe.fileno(), 2)
@@ -108,10 +137,86 @@ def _forked(args: list[str], cwd: Path, env: dict) -> Result:
                 sys.stderr.flush()
             finally:
                 os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    code = -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
-    result = Result(args, code, out.read_text(errors="replace"), err.read_text(errors="replace"))
-    out.unlink()
-    err.unlink()
-    out_dir.rmdir()
-    return result
+    return Child(pid, args, out, err)
+
+
+def _forked(args: list[str], cwd: Path, env: dict) -> Result:
+    return spawn(*args, cwd=cwd, env=env).wait()
+
+
+# ---------------------------------------------------------------------------------------------- comparing runs
+
+TIMING = ("seconds", "per_s", "elapsed", "wall", "finished")
+
+
+def files(run: Path, *subdirs: str, skip=("metrics.jsonl", "loss.png", "gates.png", "wer_by_length.png")) -> dict:
+    out = {}
+    for sub in subdirs:
+        base = run / sub
+        paths = [base] if base.is_file() else sorted(p for p in base.rglob("*") if p.is_file())
+        for p in paths:
+            if p.name not in skip and ".lock" not in p.name:
+                out[str(p.relative_to(run))] = p.read_bytes()
+    assert out, f"nothing under {subdirs} in {run}"
+    return out
+
+
+def assert_same_files(a: dict, b: dict) -> None:
+    """Same files with the same bytes, except: .pt files hold the same tensors bitwise (torch.save's bytes
+    also depend on pickle memo order, which a resumed optimizer changes), a checkpoint's record holds
+    the same step and dev loss (its sha256 is of those bytes), and JSON records may differ in wall-clock
+    times and versions (git revision) only."""
+    assert sorted(a) == sorted(b)
+    differ = []
+    for k in a:
+        if a[k] == b[k]:
+            continue
+        if k.endswith(".pt"):
+            same = same_state(_load(a[k]), _load(b[k]))
+        elif "/ckpt/step-" in k and k.endswith(".json"):
+            same = ({**json.loads(a[k]), "sha256": None} == {**json.loads(b[k]), "sha256": None})
+        elif k.endswith(".json"):  # a record of how long it took may differ, nothing else
+            same = untimed(json.loads(a[k])) == untimed(json.loads(b[k]))
+        else:
+            same = False
+        if not same:
+            differ.append(k)
+    assert not differ, f"differ from the uninterrupted run: {differ}"
+
+
+def _load(data: bytes):
+    import torch
+
+    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+
+
+def same_state(x, y) -> bool:
+    if isinstance(x, dict):
+        return isinstance(y, dict) and list(x) == list(y) and all(same_state(x[k], y[k]) for k in x)
+    if isinstance(x, (list, tuple)):
+        return type(x) is type(y) and len(x) == len(y) and all(same_state(i, j) for i, j in zip(x, y))
+    import torch
+
+    if isinstance(x, torch.Tensor):
+        return isinstance(y, torch.Tensor) and x.dtype == y.dtype and x.shape == y.shape and torch.equal(x, y)
+    if isinstance(x, float) and math.isnan(x):
+        return isinstance(y, float) and math.isnan(y)
+    return x == y
+
+
+def untimed(obj):
+    """A marker or summary without its wall-clock fields."""
+    if isinstance(obj, dict):
+        return {k: untimed(v) for k, v in obj.items() if not any(t in k for t in TIMING) and k != "versions"}
+    return obj
+
+
+def assert_same_marker(a: Path, b: Path, name: str) -> None:
+    ma, mb = (json.loads((r / "stages" / name).read_text()) for r in (a, b))
+    assert untimed(ma) == untimed(mb)
+
+
+def metric_rows(path: Path) -> list[dict]:
+    keep = ("step", "loss", "lr", "grad_norm", "tokens", "dev_loss", "dev_ppl")
+    return [{k: v for k, v in json.loads(x).items() if k in keep or k.startswith(("dev_", "gate/"))}
+            for x in path.read_text().splitlines()]

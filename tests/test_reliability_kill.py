@@ -10,16 +10,12 @@ marker must be absent. One shared reference pipeline (module fixture) is what ev
 
 from __future__ import annotations
 
-import io
-import json
-import math
 import shutil
 from pathlib import Path
 
 import pytest
-import torch
 
-from cli_runner import warm_imports, zipper
+from cli_runner import assert_same_files, assert_same_marker, files, metric_rows, warm_imports, zipper
 from conftest import make_small_manifest
 
 RUN = ["--run-dir", "run"]
@@ -29,7 +25,6 @@ FUSE = ["fuse", *RUN, "--freeze", "text", "--steps", "6", "--max-tokens", "512",
 DECODE_ASR = ["decode", *RUN, "--outputs", "text", "--tag", "asr", *SMALL]
 DECODE_TTS = ["decode", *RUN, "--outputs", "speech", "--tag", "tts", *SMALL]
 EVAL = ["eval", *RUN, "--decode", "asr", "--decode", "tts", "--judges", "ctc", "--judge-steps", "10", "--tag", "all"]
-TIMING = ("seconds", "per_s", "elapsed", "wall", "finished")
 
 
 def tokenize_args(corpus: Path) -> list:
@@ -82,75 +77,6 @@ def kill_chain(cwd: Path, args: list, marker: str, kills: list, between=None) ->
     assert "already done" not in results[-1].stdout
     assert not list(run.rglob("*.tmp-*")), "temporary files of killed writers were left behind"
     return results
-
-
-def files(run: Path, *subdirs: str, skip=("metrics.jsonl", "loss.png", "gates.png", "wer_by_length.png")) -> dict:
-    out = {}
-    for sub in subdirs:
-        base = run / sub
-        paths = [base] if base.is_file() else sorted(p for p in base.rglob("*") if p.is_file())
-        for p in paths:
-            if p.name not in skip and ".lock" not in p.name:
-                out[str(p.relative_to(run))] = p.read_bytes()
-    assert out, f"nothing under {subdirs} in {run}"
-    return out
-
-
-def assert_same_files(a: dict, b: dict) -> None:
-    """Same files with the same bytes, except: .pt files hold the same tensors bitwise (torch.save's bytes
-    also depend on pickle memo order, which a resumed optimizer changes), a checkpoint's record holds
-    the same step and dev loss (its sha256 is of those bytes), and JSON records may differ in wall-clock
-    times and versions (git revision) only."""
-    assert sorted(a) == sorted(b)
-    differ = []
-    for k in a:
-        if a[k] == b[k]:
-            continue
-        if k.endswith(".pt"):
-            same = same_state(_load(a[k]), _load(b[k]))
-        elif "/ckpt/step-" in k and k.endswith(".json"):
-            same = ({**json.loads(a[k]), "sha256": None} == {**json.loads(b[k]), "sha256": None})
-        elif k.endswith(".json"):  # a record of how long it took may differ, nothing else
-            same = untimed(json.loads(a[k])) == untimed(json.loads(b[k]))
-        else:
-            same = False
-        if not same:
-            differ.append(k)
-    assert not differ, f"differ from the uninterrupted run: {differ}"
-
-
-def _load(data: bytes):
-    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-
-
-def same_state(x, y) -> bool:
-    if isinstance(x, dict):
-        return isinstance(y, dict) and list(x) == list(y) and all(same_state(x[k], y[k]) for k in x)
-    if isinstance(x, (list, tuple)):
-        return type(x) is type(y) and len(x) == len(y) and all(same_state(i, j) for i, j in zip(x, y))
-    if isinstance(x, torch.Tensor):
-        return isinstance(y, torch.Tensor) and x.dtype == y.dtype and x.shape == y.shape and torch.equal(x, y)
-    if isinstance(x, float) and math.isnan(x):
-        return isinstance(y, float) and math.isnan(y)
-    return x == y
-
-
-def untimed(obj):
-    """A marker or summary without its wall-clock fields."""
-    if isinstance(obj, dict):
-        return {k: untimed(v) for k, v in obj.items() if not any(t in k for t in TIMING) and k != "versions"}
-    return obj
-
-
-def assert_same_marker(a: Path, b: Path, name: str) -> None:
-    ma, mb = (json.loads((r / "stages" / name).read_text()) for r in (a, b))
-    assert untimed(ma) == untimed(mb)
-
-
-def metric_rows(path: Path) -> list[dict]:
-    keep = ("step", "loss", "lr", "grad_norm", "tokens", "dev_loss", "dev_ppl")
-    return [{k: v for k, v in json.loads(x).items() if k in keep or k.startswith(("dev_", "gate/"))}
-            for x in path.read_text().splitlines()]
 
 
 def test_tokenize_killed_three_times(ref):
@@ -211,7 +137,7 @@ def test_fuse_killed_four_times_and_a_corrupted_checkpoint(ref):
             newest.write_bytes(bytes(data))
 
     res = kill_chain(cwd, FUSE, f"fuse-{tag}.done.json",
-                     ["wrote:initial.json",            # dev losses at step 0 recorded, no step trained
+                     ["step:1",                        # one step logged, no checkpoint yet
                       "wrote:step-00000004.json",      # checkpoint 4 complete
                       "step:5",                        # a step past the last checkpoint
                       f"write:fuse-{tag}.done.json"],

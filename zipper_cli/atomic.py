@@ -24,7 +24,8 @@ def kill_point(label: str) -> None:
     ZIPPER_TEST_KILL_AT=PATTERN[#N] kills at the N-th (default first) point whose label matches the
     shell-style PATTERN. Labels: 'write:NAME' (a file's temporary copy is complete, not yet renamed),
     'wrote:NAME' (renamed into place), 'step:N' (a training step is logged, its checkpoint maybe not).
-    Unset (always, outside tests) it costs one dictionary lookup.
+    ZIPPER_TEST_KILL_SIGNAL=STOP sends SIGSTOP instead (the process pauses there, holding its locks,
+    until a SIGCONT). Unset (always, outside tests) it costs one dictionary lookup.
     """
     spec = os.environ.get(KILL_ENV)
     if not spec:
@@ -33,7 +34,8 @@ def kill_point(label: str) -> None:
     if fnmatch.fnmatchcase(label, pattern):
         _kill_hits[pattern] = _kill_hits.get(pattern, 0) + 1
         if _kill_hits[pattern] == int(nth or 1):
-            os.kill(os.getpid(), signal.SIGKILL)
+            sig = signal.SIGSTOP if os.environ.get("ZIPPER_TEST_KILL_SIGNAL") == "STOP" else signal.SIGKILL
+            os.kill(os.getpid(), sig)
 
 
 def _remove_stale_temps(path: Path) -> None:
@@ -65,7 +67,12 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     (ENOSPC) while writing is the same: the old content stays, and the error names the file.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        if e.errno in DISK_FULL:
+            raise disk_full_error(path) from None
+        raise
     _remove_stale_temps(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
@@ -77,8 +84,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             if e.errno in DISK_FULL:
                 raise disk_full_error(path) from None
             raise
-        except RuntimeError as e:  # torch.save reports a failed write as a RuntimeError
-            if "write" in str(e).lower() and _disk_full_hint(tmp):
+        except RuntimeError:  # torch.save reports a failed write as a RuntimeError ("unexpected pos ...")
+            if _low_space(tmp):
                 raise disk_full_error(path) from None
             raise
         kill_point(f"write:{path.name}")
@@ -97,13 +104,14 @@ def disk_full_error(path: Path) -> ZipperError:
                        "and nothing was marked finished; free some space and rerun the same command")
 
 
-def _disk_full_hint(tmp: Path) -> bool:
-    """Whether the filesystem holding `tmp` is (nearly) full: how a failed torch.save is told apart."""
+def _low_space(tmp: Path) -> bool:
+    """Whether the filesystem holding `tmp` is nearly full (under 64 MiB available): how a torch.save
+    that failed for want of space is told apart from its other errors."""
     try:
         st = os.statvfs(tmp.parent)
     except OSError:
         return False
-    return st.f_bavail * st.f_frsize < (1 << 20)
+    return st.f_bavail * st.f_frsize < (64 << 20)
 
 
 def write_bytes(path: str | os.PathLike, data: bytes) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -263,6 +264,12 @@ def main() -> None:
     except Interrupted as e:
         typer.echo(f"interrupted: {e}", err=True)
         sys.exit(130)
+    except OSError as e:  # a full disk anywhere the stages do not name the file themselves: still one line
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        typer.echo(f"error: {e.filename or 'writing'}: no space left on device; free some space and rerun the same "
+                   "command (finished stages and checkpoints are kept)", err=True)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ from typing import Callable, Sequence
 import torch
 import torch.distributed as dist
 
-from .atomic import kill_point, write_json, write_jsonl
+from .atomic import DISK_FULL, disk_full_error, kill_point, write_json, write_jsonl
 from .batching import make_batches
 from .checkpoint import latest_checkpoint, save_checkpoint, warn
 from .console import log as console_log, progress
@@ -238,7 +238,10 @@ def train(out_dir: Path, model: torch.nn.Module, train_examples: Sequence, dev_e
                             fused=False, foreach=False)  # the plain loop: bitwise reproducible on CPU
     ddp = model
     if d.world > 1:
-        ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[d.local_rank] if device == "cuda" else None)
+        # Models that skip work per batch (Zipper skips cross-attention pairs no query can use) leave some
+        # parameters without gradients in some steps; DDP must be told to look for them.
+        ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[d.local_rank] if device == "cuda" else None,
+                                                        find_unused_parameters=getattr(model, "skips_parameters", False))
 
     step, epoch, batch_pos = 0, 0, 0
     loss, last_dev = float("nan"), None
@@ -389,8 +392,13 @@ def _save(ckpt_dir, model, opt, step, epoch, batch_pos, dev_loss, cfg, device, d
 
 def _append(path: Path, row: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(row) + "\n")
+    try:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+    except OSError as e:  # a line cut short here is dropped on resume (_truncate_metrics)
+        if e.errno in DISK_FULL:
+            raise disk_full_error(path) from None
+        raise
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
