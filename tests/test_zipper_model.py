@@ -329,3 +329,41 @@ def test_from_configs_loads_state_dict_and_three_towers():
     assert all(torch.equal(out[n], towers[n](batch[n][0])) for n in towers)
     open_gates(model)
     assert not torch.equal(model(batch)["video"], out["video"])
+
+
+# --- the auxiliary CTC head ------------------------------------------------------------------------------
+
+
+def test_ctc_head_leaves_logits_alone_and_feeds_g_from_the_first_step():
+    from zipper_cli.stages.fuse import ZipperLoss
+    from zipper_cli.fusion_data import ASR, Example
+
+    torch.manual_seed(0)
+    model = make_zipper(ctc_head=True, input_proj=()).train()
+    batch = asr_batch()
+    with torch.no_grad():
+        plain, with_ctc = model(batch), model(batch, with_ctc=True)
+    assert all(torch.equal(plain[n], with_ctc[n]) for n in ("text", "speech"))
+    assert with_ctc["ctc"].shape == (2, 7, V_TEXT)  # [B, T_speech, V_text]
+    with pytest.raises(ZipperError, match="no CTC head"):
+        make_zipper()(batch, with_ctc=True)
+
+    # The loss is linear in the weight; the CTC part alone is the CTC of the head's outputs.
+    ex = [Example(ASR, torch.randint(4, V_TEXT, (4,)).numpy(), torch.randint(0, V_SPEECH - 3, (12,)).numpy(), f"u{i}")
+          for i in range(3)]
+    l0, n = ZipperLoss(0.0)(model.eval(), ex, "cpu")
+    l1, _ = ZipperLoss(1.0)(model, ex, "cpu")
+    l3, _ = ZipperLoss(3.0)(model, ex, "cpu")
+    assert n == 15 and torch.allclose(l3 - l0, 3 * (l1 - l0), rtol=1e-4) and (l1 - l0) > 0
+
+    # With zero gates the cross-attention's projection g gets no gradient from cross-entropy; the CTC
+    # loss reaches it from the first step (the reason the option exists).
+    g = model.fusion[-1]["text<-speech"].g[0].weight
+    for weight, moves in ((0.0, False), (0.3, True)):
+        model.zero_grad(set_to_none=True)
+        ZipperLoss(weight)(model, ex, "cpu")[0].backward()
+        assert (g.grad is not None and bool(g.grad.abs().sum() > 0)) == moves
+    # The head is saved with the model and rebuilt from the config.
+    again = Zipper.from_configs(model.cfg, {n: t.cfg for n, t in model.towers.items()})
+    again.load_state_dict(model.state_dict())
+    assert ZipperConfig.from_dict(model.cfg.to_dict()).ctc_head is True

@@ -50,6 +50,12 @@ class ZipperConfig:
     """--xattn-heads: cross-attention heads; None means the attending tower's n_head."""
     dropout: float = 0.0
     """--dropout: dropout in the fusion blocks (attention weights and residual branches)."""
+    ctc_head: bool = False
+    """--ctc-weight > 0 adds it: a linear CTC head that reads tower B (speech) the way tower A (text) sees it
+    at the last cross point (through that block's projection g) and predicts A's tokens, blank = id 0 (pad).
+    An auxiliary training loss only (hybrid CTC/attention, Watanabe et al. 2017): it gives g an aligned
+    target from the first step, where the gated cross-attention alone starts from no signal. Not in the
+    paper; unused in decoding."""
 
     def validate(self) -> "ZipperConfig":
         """Raise ZipperError naming the CLI flag of the first bad field; return self so calls chain."""
@@ -239,7 +245,11 @@ class Zipper(nn.Module):
             })
             for _ in range(len(self.points[names[0]]))
         )
+        a, b = names[0], names[1]
+        self.ctc_head = nn.Linear(tcfg[a].n_embd, tcfg[a].vocab_size, bias=False) if cfg.ctc_head else None
         self._init_fusion()
+
+    skips_parameters = True  # forward skips pairs no query can use (and the CTC head unless asked): DDP must know
 
     @classmethod
     def from_towers(cls, cfg: ZipperConfig, towers: dict[str, Tower], share: bool = False) -> "Zipper":
@@ -256,7 +266,7 @@ class Zipper(nn.Module):
         # Attention and FFW matrices: normal(0.02), as in the towers. The ReLU MLPs (g, input projections)
         # get He init instead: a 3-deep ReLU stack at std 0.02 shrinks a tiny-width signal ~1000x, below
         # RMSNorm's eps (norm_ctx would then see mostly eps) and far below the embeddings the tower expects.
-        for m in self.fusion.modules():
+        for m in list(self.fusion.modules()) + ([self.ctc_head] if self.ctc_head is not None else []):
             if isinstance(m, nn.Linear):
                 nn.init.normal_(m.weight, mean=0.0, std=0.02)
         relu_mlps = [b.g for blocks in self.fusion for b in blocks.values()] + list(self.input_proj.values())
@@ -271,10 +281,12 @@ class Zipper(nn.Module):
 
     # --- training forward ---------------------------------------------------------------------------
 
-    def forward(self, batch: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    def forward(self, batch: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+                with_ctc: bool = False) -> dict[str, torch.Tensor]:
         """batch[name] = (tokens [B, T_x] int64, valid [B, T_x] bool, order [B, T_x] int64: each token's
         position in the example's linear sequence) -> {name: logits [B, T_x, V_x]}. Full causal
-        self-attention inside each tower; cross-attention masked by linear order."""
+        self-attention inside each tower; cross-attention masked by linear order. with_ctc adds
+        out["ctc"] = CTC logits [B, T_B, V_A] over tower B's positions (needs cfg.ctc_head)."""
         names = self.cfg.towers
         self._check_batch(batch)
         h, rope = {}, {}
@@ -298,6 +310,12 @@ class Zipper(nn.Module):
             for x, y in active:
                 h[x] = blocks[pair_key(x, y)](h[x], ctx[y], masks[(x, y)])
         out = {}
+        if with_ctc:
+            if self.ctc_head is None:
+                raise ZipperError("this Zipper has no CTC head (built without --ctc-weight)")
+            a, b = names[0], names[1]
+            block = self.fusion[-1][pair_key(a, b)]
+            out["ctc"] = self.ctc_head(block.norm_ctx(block.g(ctx[b])))  # [B, T_b, V_a]
         for n in names:
             h[n] = self._run_blocks(n, h[n], rope[n], done[n], len(self.towers[n].blocks))
             out[n] = self.towers[n].head(h[n])

@@ -62,6 +62,9 @@ class FuseConfig:
     """--proj-layers: depth of the ReLU MLPs (width projection g, input projections)."""
     dropout: float = 0.0
     """--dropout: dropout in the fusion blocks."""
+    ctc_weight: float = 0.0
+    """--ctc-weight: weight of an auxiliary CTC loss on ASR examples (zipper only; 0 = the paper's
+    training). Adds a CTC head that reads the speech tower through the last text<-speech projection g."""
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def validate(self) -> None:
@@ -72,6 +75,10 @@ class FuseConfig:
             raise ZipperError("--arch single-decoder trains all parameters, as in the paper: use --freeze none")
         if self.tag is not None and (not self.tag or "/" in self.tag or self.tag.startswith(".")):
             raise ZipperError(f"--tag {self.tag!r}: use a plain name (letters, digits, - and _)")
+        if not (math.isfinite(self.ctc_weight) and self.ctc_weight >= 0):
+            raise ZipperError(f"--ctc-weight must be >= 0 (got {self.ctc_weight})")
+        if self.ctc_weight > 0 and self.arch != "zipper":
+            raise ZipperError("--ctc-weight is a Zipper option (the CTC head reads the speech tower)")
         parse_task_mix(self.task_mix)
         self.train.validate()
         self.zipper_config().validate()
@@ -89,7 +96,7 @@ class FuseConfig:
         """The fusion config; without --n-cross, 4 cross-attention points (fewer for shallower towers)."""
         proj = () if self.input_proj in ("none", "") else tuple(x.strip() for x in self.input_proj.split(","))
         return ZipperConfig(n_cross=self.n_cross or min(4, max_cross), input_proj=proj, proj_layers=self.proj_layers,
-                            dropout=self.dropout)
+                            dropout=self.dropout, ctc_head=self.ctc_weight > 0)
 
     def resolved_tag(self) -> str:
         if self.tag:
@@ -101,7 +108,11 @@ class FuseConfig:
 
 
 class ZipperLoss:
-    """Cross-entropy on the output modality of each example (ASR: text, TTS: speech)."""
+    """Cross-entropy on the output modality of each example (ASR: text, TTS: speech), plus ctc_weight x
+    the CTC loss of the model's CTC head on ASR examples (speech positions -> transcript pieces)."""
+
+    def __init__(self, ctc_weight: float = 0.0):
+        self.ctc_weight = ctc_weight
 
     def __call__(self, model, examples: list[Example], device):
         batch, targets = {}, {}
@@ -109,9 +120,18 @@ class ZipperLoss:
             tokens, valid, order, tgt = tower_batch(examples, m)
             batch[m] = (tokens.to(device), valid.to(device), order.to(device))
             targets[m] = tgt.to(device)
-        logits = model(batch)
+        asr = [i for i, e in enumerate(examples) if e.task == ASR]
+        with_ctc = self.ctc_weight > 0 and bool(asr)
+        logits = model(batch, with_ctc=True) if with_ctc else model(batch)
         loss = sum(F.cross_entropy(logits[m].float().flatten(0, 1), targets[m].flatten(), ignore_index=-100,
-                                   reduction="sum") for m in logits)
+                                   reduction="sum") for m in ("text", "speech"))
+        if with_ctc:
+            log_probs = logits["ctc"][asr].float().log_softmax(-1).transpose(0, 1)  # [T_speech, B_asr, V_text]
+            pieces = [torch.as_tensor(examples[i].pieces, dtype=torch.long) for i in asr]
+            ctc = F.ctc_loss(log_probs, torch.cat(pieces).to(device), batch["speech"][1][asr].sum(1),
+                             torch.tensor([len(p) for p in pieces], device=device), blank=0, reduction="sum",
+                             zero_infinity=True)
+            loss = loss + self.ctc_weight * ctc
         return loss, int(sum((t != -100).sum() for t in targets.values()))
 
     @staticmethod
@@ -206,6 +226,7 @@ def fuse(run_dir: Path, cfg: FuseConfig, force: bool = False) -> dict | None:
 def _fuse(run_dir: Path, cfg: FuseConfig, tag: str, out: Path, tok: dict, stage, d) -> dict:
     aligned = _aligned_utts(run_dir, "aligned", tok)
     keep = set(nested_subset([u["id"] for u in aligned], cfg.subset_seed, cfg.aligned_fraction, cfg.aligned_count))
+    n_pool = len(aligned)
     aligned = [u for u in aligned if u["id"] in keep]
     dev = _aligned_utts(run_dir, "dev", tok)
     mix = parse_task_mix(cfg.task_mix)
@@ -219,7 +240,7 @@ def _fuse(run_dir: Path, cfg: FuseConfig, tag: str, out: Path, tok: dict, stage,
         depth = min(text_tower.cfg.n_layer, speech_tower.cfg.n_layer)
         model = Zipper.from_towers(cfg.zipper_config(depth), {"text": text_tower, "speech": speech_tower})
         model.freeze(cfg.frozen())
-        loss_fn = ZipperLoss()
+        loss_fn = ZipperLoss(cfg.ctc_weight)
         meta = {"arch": "zipper", "zipper": model.cfg.to_dict(),
                 "towers": {n: t.cfg.to_dict() for n, t in model.towers.items()}}
     else:
@@ -231,14 +252,16 @@ def _fuse(run_dir: Path, cfg: FuseConfig, tag: str, out: Path, tok: dict, stage,
         meta = {"arch": "single-decoder", "towers": {"single": model.cfg.to_dict()},
                 "single_decoder_vocab": {"text_size": sd_vocab.text_size, "speech_size": sd_vocab.speech_size}}
     meta |= {"freeze": cfg.freeze, "tokenizers": {"text": tok["text_tokenizer"], "speech": tok["speech_tokenizer"]},
-             "aligned_utterances": len(aligned), "tag": tag}
+             "aligned_utterances": len(aligned), "aligned_total": n_pool,
+             "aligned_fraction": round(len(aligned) / n_pool, 6), "tag": tag}
     n_total, n_train = model.num_params(), model.num_params(trainable_only=True)
+    dev_loss_fn = ZipperLoss() if cfg.arch == "zipper" else loss_fn  # per-direction dev losses: cross-entropy only
 
     def per_direction(m) -> dict:
         row = {}
         for task, ex in dev_ex.items():
             if ex:
-                row[f"dev_{task}_loss"] = round(evaluate(m, ex, loss_fn, cfg.train, resolve_device(cfg.train), d), 6)
+                row[f"dev_{task}_loss"] = round(evaluate(m, ex, dev_loss_fn, cfg.train, resolve_device(cfg.train), d), 6)
         if cfg.arch == "zipper":
             row |= gate_values(m)
         return row
