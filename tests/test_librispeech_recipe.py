@@ -106,7 +106,10 @@ def test_recipe_stages_on_tiny_librispeech(tmp_path):
 
     # Stages 2-3: towers from the token shards (the text tower on LM text + aligned transcripts, the speech
     # tower on the unlabeled windows + aligned audio), each recording the tokenizer it read.
-    recipe(*common, "--stage", "2", "--stop-stage", "3")
+    # The text tower through torchrun (two gloo processes on CPU), the speech tower in one process.
+    out = recipe(*common, "--stage", "2", "--stop-stage", "2", "--nproc-per-node", "2").stdout
+    assert "2 process(es) for training" in out
+    recipe(*common, "--stage", "3", "--stop-stage", "3")
     for tower in ("text", "speech"):
         assert (run / "towers" / tower / "model.pt").exists() and (run / "towers" / tower / "metrics.jsonl").exists()
         assert json.loads((run / "towers" / tower / "config.json").read_text())["tower"]["n_embd"] == 64  # tiny

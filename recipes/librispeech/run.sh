@@ -44,6 +44,7 @@ options (defaults in brackets; data roots also from the environment variables of
   --workers W                    tokenize worker processes [nproc]
   --decode-limit N --decode-batch N --max-new-tokens N --vocoder-steps N   stage 5 [all 32 - -]
   --judges ctc,pocketsphinx --judge-steps N   stage 6 [ctc,pocketsphinx -]
+  --tag T                        name of the fused model (fused/T), its decodes (T-asr, T-tts) and report (eval/T) [ls]
 EOF
 }
 
@@ -74,6 +75,7 @@ nproc_per_node=1 nnodes=1 node_rank=0 master_addr=localhost master_port=29500
 workers=$(nproc 2>/dev/null || echo 1)
 decode_limit= decode_batch=32 max_new_tokens= vocoder_steps=
 judges=ctc,pocketsphinx judge_steps=
+tag=ls
 
 while [ $# -gt 0 ]; do
   case "$1" in -h|--help) usage; exit 0 ;; esac
@@ -93,7 +95,7 @@ while [ $# -gt 0 ]; do
     --nproc-per-node) nproc_per_node=$2 ;; --nnodes) nnodes=$2 ;; --node-rank) node_rank=$2 ;;
     --master-addr) master_addr=$2 ;; --master-port) master_port=$2 ;; --workers) workers=$2 ;;
     --decode-limit) decode_limit=$2 ;; --decode-batch) decode_batch=$2 ;; --max-new-tokens) max_new_tokens=$2 ;;
-    --vocoder-steps) vocoder_steps=$2 ;; --judges) judges=$2 ;; --judge-steps) judge_steps=$2 ;;
+    --tag) tag=$2 ;; --vocoder-steps) vocoder_steps=$2 ;; --judges) judges=$2 ;; --judge-steps) judge_steps=$2 ;;
     *) echo "recipes/librispeech/run.sh: unknown option $1" >&2; usage; exit 2 ;;
   esac
   shift 2
@@ -120,13 +122,14 @@ run_dir=${run_dir:-runs/librispeech-$size}
 [ "$lm_text" != __default__ ] || lm_text=$librispeech/librispeech-lm-norm.txt
 
 world=$(( nproc_per_node * nnodes ))
-# --max-tokens is global (all processes); --grad-accum reaches the tokens per step within GPU memory.
+# --max-tokens is global (all processes together); --grad-accum reaches the tokens per optimizer step
+# while each GPU's share of a forward pass stays within its --micro-tokens. The same target gives the
+# same settings on any number of GPUs that needs no accumulation, so a rerun on more GPUs resumes.
 batch_args() {  # $1: target padded tokens per optimizer step, $2: per-GPU tokens per forward pass
   local target=${tokens_per_step:-$1} per_gpu=$2
-  local max_tokens=$(( per_gpu * world ))
-  local accum=$(( (target + max_tokens - 1) / max_tokens ))
+  local accum=$(( (target + per_gpu * world - 1) / (per_gpu * world) ))
   [ "$accum" -ge 1 ] || accum=1
-  echo "--max-tokens $max_tokens --grad-accum $accum"
+  echo "--max-tokens $(( (target + accum - 1) / accum )) --grad-accum $accum"
 }
 
 python=.venv/bin/python
@@ -230,7 +233,7 @@ fi
 if run_stage 4; then
   echo "== stage 4: zip the towers (text frozen, speech trained) on $aligned_fraction of the aligned pairs"
   # shellcheck disable=SC2046
-  "${launch[@]}" fuse --run-dir "$run_dir" --arch zipper --freeze text --tag ls \
+  "${launch[@]}" fuse --run-dir "$run_dir" --arch zipper --freeze text --tag "$tag" \
     --aligned-fraction "$aligned_fraction" --steps "$fuse_steps" --lr "$fuse_lr" --warmup "$warmup" \
     --eval-every "$eval_every" --ckpt-every "$ckpt_every" $(batch_args "${d[6]}" "${d[8]}")
 fi
@@ -242,16 +245,16 @@ decode_args=(--batch-size "$decode_batch")
 
 if one_machine_stage 5; then
   echo "== stage 5: decode the test split: ASR (speech -> text) and TTS (text -> speech -> WAV)"
-  "${zipper[@]}" decode --run-dir "$run_dir" --model fused/ls --outputs text --split test --tag ls-asr "${decode_args[@]}"
-  "${zipper[@]}" decode --run-dir "$run_dir" --model fused/ls --outputs speech --split test --tag ls-tts "${decode_args[@]}"
+  "${zipper[@]}" decode --run-dir "$run_dir" --model "fused/$tag" --outputs text --split test --tag "$tag-asr" "${decode_args[@]}"
+  "${zipper[@]}" decode --run-dir "$run_dir" --model "fused/$tag" --outputs speech --split test --tag "$tag-tts" "${decode_args[@]}"
 fi
 
 if one_machine_stage 6; then
   echo "== stage 6: evaluate"
   eval_args=(--judges "$judges")
   [ -z "$judge_steps" ] || eval_args+=(--judge-steps "$judge_steps")
-  "${zipper[@]}" eval --run-dir "$run_dir" --decode ls-asr --decode ls-tts --tag ls "${eval_args[@]}"
-  echo "== report: $run_dir/eval/ls/report.md; WAVs: $run_dir/decode/ls-tts/wav/"
+  "${zipper[@]}" eval --run-dir "$run_dir" --decode "$tag-asr" --decode "$tag-tts" --tag "$tag" "${eval_args[@]}"
+  echo "== report: $run_dir/eval/$tag/report.md; WAVs: $run_dir/decode/$tag-tts/wav/"
 fi
 
 echo "== done: artifacts in $run_dir"
