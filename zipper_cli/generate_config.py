@@ -1,0 +1,126 @@
+"""Generation settings and results: GenerationConfig (the decode verb's search flags), Generation (one
+example's outputs), and parse_modality_map for the per-modality flags. See generate.py for the search.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+import torch
+
+from zipper_cli.errors import ZipperError
+
+MODALITIES = ("text", "speech")
+STRATEGIES = ("greedy", "sample", "beam")
+
+
+def parse_modality_map(spec: str, flag: str, cast=float) -> dict[str, float]:
+    """'text=0.5,speech=12' -> {'text': 0.5, 'speech': 12.0}; a ZipperError naming `flag` otherwise."""
+    out = {}
+    for part in (p.strip() for p in spec.split(",") if p.strip()):
+        key, sep, value = part.partition("=")
+        if not sep or key.strip() not in MODALITIES:
+            raise ZipperError(f"{flag} must look like text=X,speech=Y (got {spec!r})")
+        try:
+            out[key.strip()] = cast(value)
+        except ValueError:
+            raise ZipperError(f"{flag}: {value!r} is not a number (in {spec!r})") from None
+    return out
+
+
+@dataclass
+class GenerationConfig:
+    strategy: str = "greedy"
+    """--strategy: greedy (argmax), sample (temperature / top-k / top-p) or beam (--beam beams)."""
+    beam: int = 4
+    """--beam: number of beams when strategy is beam; 1 gives exactly greedy."""
+    length_penalty: float = 0.6
+    """--length-penalty: alpha in GNMT's ((5 + len) / 6) ** alpha; beams are ranked by log-prob / that.
+    0 ranks by total log-probability (favours short outputs)."""
+    temperature: float = 1.0
+    """--temperature: sampling divides the logits by this."""
+    top_k: int = 0
+    """--top-k: sample among the k most likely tokens only; 0 = all."""
+    top_p: float = 1.0
+    """--top-p: sample within the smallest set of tokens whose probability reaches p (nucleus); 1 = all."""
+    seed: int = 0
+    """--seed: sampling seed. Example i of a call draws from its own generator seeded by (seed, i), so its
+    sample does not depend on which examples share its batch."""
+    max_len_ratio: dict = field(default_factory=lambda: {"text": 0.5, "speech": 10.0})
+    """--max-len-ratio: per output modality, maximum tokens per input token when the input is the other
+    modality. Demo corpus: ~56 units (25 Hz) per ~12 text pieces, i.e. ~0.21 pieces per unit and
+    ~4.7 units per piece; the defaults leave about 2x headroom."""
+    max_len_min: dict = field(default_factory=lambda: {"text": 10, "speech": 50})
+    """--max-len-min: per output modality, a floor on its maximum length (short inputs)."""
+    max_new_tokens: Optional[int] = None
+    """--max-new-tokens: if given, the maximum length of every output, instead of the ratios."""
+    min_new_tokens: int = 0
+    """--min-new-tokens: an output's end token is forbidden until it has this many tokens (benchmarks)."""
+    batch_size: int = 16
+    """--batch-size: examples decoded together (beam search runs batch_size * beam rows)."""
+    use_cache: bool = True
+    """--no-cache turns this off: recompute the whole forward pass at every step (reference path)."""
+
+    def validate(self) -> "GenerationConfig":
+        if self.strategy not in STRATEGIES:
+            raise ZipperError(f"--strategy must be one of {', '.join(STRATEGIES)} (got {self.strategy!r})")
+        if not _pos_int(self.beam):
+            raise ZipperError(f"--beam ({self.beam!r}) must be a positive integer")
+        if not math.isfinite(self.length_penalty):
+            raise ZipperError(f"--length-penalty ({self.length_penalty!r}) must be a finite number")
+        if not (self.temperature > 0 and math.isfinite(self.temperature)):
+            raise ZipperError(f"--temperature ({self.temperature!r}) must be > 0")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ZipperError(f"--top-k ({self.top_k!r}) must be a non-negative integer")
+        if not 0 < self.top_p <= 1:
+            raise ZipperError(f"--top-p ({self.top_p!r}) must be in (0, 1]")
+        if not isinstance(self.seed, int):
+            raise ZipperError(f"--seed ({self.seed!r}) must be an integer")
+        for flag, d, ok in (("--max-len-ratio", self.max_len_ratio, lambda v: v > 0 and math.isfinite(v)),
+                            ("--max-len-min", self.max_len_min, _pos_int)):
+            for k, v in d.items():
+                if k not in MODALITIES or not ok(v):
+                    raise ZipperError(f"{flag}: bad entry {k}={v!r} (modalities: text, speech; values > 0)")
+        if self.max_new_tokens is not None and not _pos_int(self.max_new_tokens):
+            raise ZipperError(f"--max-new-tokens ({self.max_new_tokens!r}) must be a positive integer")
+        if not isinstance(self.min_new_tokens, int) or self.min_new_tokens < 0:
+            raise ZipperError(f"--min-new-tokens ({self.min_new_tokens!r}) must be a non-negative integer")
+        if not _pos_int(self.batch_size):
+            raise ZipperError(f"--batch-size ({self.batch_size!r}) must be a positive integer")
+        return self
+
+    def max_len(self, modality: str, input_modality: str, input_len: int) -> int:
+        if self.max_new_tokens is not None:
+            return self.max_new_tokens
+        ratio = self.max_len_ratio.get(modality, 1.0) if modality != input_modality else 1.0
+        return max(self.max_len_min.get(modality, 1), math.ceil(ratio * input_len))
+
+
+def _pos_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+
+@dataclass
+class Generation:
+    outputs: list[str]
+    """The output modalities, in order."""
+    tokens: list[np.ndarray]
+    """Per output, the raw generated tokens: text pieces without bos/eos, speech units 0..K-1."""
+    ended: list[bool]
+    """Per output, True if it stopped at its end token, False if it hit its maximum length."""
+    max_len: list[int]
+    """Per output, the maximum length it was allowed."""
+    logprob: float
+    """Sum of the log-probabilities of the chosen tokens (end tokens included, forced tokens excluded)
+    under the model's distribution restricted to the output modality, temperature 1."""
+    score: float
+    """logprob / ((5 + n) / 6) ** length_penalty for beam search (n chosen tokens); logprob otherwise."""
+    logits: Optional[list[torch.Tensor]] = None
+    """With return_logits: the raw model logits [V] before each chosen token (greedy / sample only)."""
+
+    def __getitem__(self, modality: str) -> np.ndarray:
+        """The tokens of the (first) output in `modality`."""
+        return self.tokens[self.outputs.index(modality)]
