@@ -152,6 +152,7 @@ def fuse(
     input_proj: str = typer.Option("text,speech", help="Towers with input projections, or 'none'."),
     proj_layers: int = typer.Option(3, help="Depth of the ReLU MLPs."),
     dropout: float = typer.Option(0.0, help="Dropout in the fusion blocks."),
+    ctc_weight: float = typer.Option(0.0, "--ctc-weight", help="Auxiliary CTC loss on ASR examples (0 = the paper)."),
     gate_lr_mult: float = typer.Option(1.0, "--gate-lr-mult", help="LR multiplier of the tanh gates (start at 0)."),
     steps: int = Steps, lr: float = Lr, warmup: int = Warmup, grad_clip: float = GradClip, grad_accum: int = GradAccum,
     max_tokens: int = MaxTokens, eval_every: int = EvalEvery, ckpt_every: int = CkptEvery, keep_last: int = KeepLast,
@@ -163,7 +164,7 @@ def fuse(
 
     cfg = FuseConfig(arch=arch, tag=tag, freeze=freeze, aligned_fraction=aligned_fraction, aligned_count=aligned_count,
                      subset_seed=subset_seed, task_mix=task_mix, n_cross=n_cross, input_proj=input_proj,
-                     proj_layers=proj_layers, dropout=dropout,
+                     proj_layers=proj_layers, dropout=dropout, ctc_weight=ctc_weight,
                      train=dataclasses.replace(_train_config(steps, lr, warmup, grad_clip, grad_accum, max_tokens,
                                                              eval_every, ckpt_every, keep_last, seed, precision, device),
                                                scalar_lr_mult=gate_lr_mult))
