@@ -194,3 +194,46 @@ def test_ensure_vocoder_trains_once_then_loads(corpus, tmp_path):
 def test_ensure_vocoder_needs_a_tokenizer(tmp_path):
     with pytest.raises(ZipperError, match="no speech tokenizer"):
         ensure_vocoder(tmp_path, quiet)
+
+
+def test_vocoders_stored_by_earlier_versions_still_load(corpus, tmp_path):
+    """A vocoder whose config.json / vocoder.json hold a retired field at its "off" value (mel_floor 0.0)
+    is loaded and reused as before; another value of it is refused with a clear error, and
+    ensure_vocoder retrains instead of failing."""
+    from zipper_cli.vocoder import run_vocoder
+
+    tok, pairs = corpus
+    _fake_run(tmp_path, tok, pairs)
+    small = VocoderConfig(**{**TINY, "steps": 20})
+    model = ensure_vocoder(tmp_path, quiet, small)
+    voc_dir = tmp_path / "tokenizers" / "speech" / "vocoder"
+    for name, keys in (("config.json", ("config",)), ("vocoder.json", ("config", "training_config"))):
+        meta = json.loads((voc_dir / name).read_text())
+        for k in keys:
+            meta[k]["mel_floor"] = 0.0
+        if name == "config.json":
+            meta["signature"]["config"]["mel_floor"] = 0.0
+        (voc_dir / name).write_text(json.dumps(meta))
+    for again in (ensure_vocoder(tmp_path, lambda m: pytest.fail(m), small), run_vocoder(tmp_path, log=quiet),
+                  load_vocoder(voc_dir)):
+        torch.testing.assert_close(again.mel(pairs[0][0]), model.mel(pairs[0][0]), rtol=0, atol=0)
+    # train_vocoder: the same data and config under an earlier version's signature is loaded, not retrained
+    c, other = cfg(steps=5), tmp_path / "other"
+    train_vocoder(pairs, c, other, quiet)
+    meta = json.loads((other / "config.json").read_text())
+    meta["signature"]["config"]["mel_floor"] = 0.0
+    (other / "config.json").write_text(json.dumps(meta))
+    lines = []
+    train_vocoder(pairs, c, other, lines.append)
+    assert any("already trained" in x for x in lines), lines
+    meta = json.loads((voc_dir / "config.json").read_text())
+    meta["config"]["mel_floor"] = meta["signature"]["config"]["mel_floor"] = 1e-4
+    (voc_dir / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(ZipperError, match=r"config.json: vocoder config: mel_floor=0.0001 is no longer supported"):
+        load_vocoder(voc_dir)
+    marker = json.loads((voc_dir / "vocoder.json").read_text())
+    marker["config"]["mel_floor"] = marker["training_config"]["mel_floor"] = 1e-4
+    (voc_dir / "vocoder.json").write_text(json.dumps(marker))
+    lines = []
+    ensure_vocoder(tmp_path, lines.append, small)
+    assert any("retraining" in x for x in lines), lines
