@@ -1,0 +1,316 @@
+"""The unit vocoder's configuration (VocoderConfig) and network (UnitVocoder).
+
+Why a network and not a lookup: replacing every unit by its cluster's mean log-mel frame loses most of
+the intelligibility (pocketsphinx WER 0.38 on the original audio became 0.75 for 25 Hz K=512 units),
+because one unit stands for many spectra. A non-causal dilated convolution stack over the unit
+sequence (context of about +-0.5 s by default) resolves much of that ambiguity from the neighbours.
+
+Network (UnitVocoder), at the unit rate until the last step:
+  unit embedding [K, C] -> `layers` pre-norm residual blocks (RMS norm over channels, GELU, dilated
+  conv k, GELU, 1x1 conv; dilations cycled from cfg.dilations) -> RMS norm, GELU, 1x1 conv to
+  up * n_mels, read as `up` = 100/frame_rate consecutive mel frames per unit (a transposed conv with
+  kernel = stride = up: position-specific weights; 4 frames per 25 Hz unit, 2 per 50 Hz unit)
+  -> `post_layers` residual postnet blocks at 100 Hz on the mel frames (conv k, GELU, conv k) that
+  smooth the unit boundaries. The output is un-normalised log-mel (speech_tokenizer.log_mel's scale).
+  All the heavy layers run at the unit rate, which keeps training a few minutes on two CPU cores.
+  Padded positions are zeroed before every convolution, so a padded batch gives exactly the output of
+  each sequence alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .errors import ZipperError
+from .speech_tokenizer import HOP, SAMPLE_RATE
+from .vocoder_griffin_lim import griffin_lim
+
+MEL_RATE = SAMPLE_RATE // HOP  # 100 Hz
+FORMAT = 1  # bump when the network or the on-disk layout changes
+INFERENCE_ONLY = ("gl_iters", "gl_momentum", "save_every")  # VocoderConfig fields that never change the weights
+# Fields that earlier versions wrote, with the value that meant "off": stored configs holding that value
+# load as before; any other value was a network this toolkit can no longer rebuild (retrain it).
+# mel_floor (the target log(mel + floor)): 1e-4 gave pocketsphinx WER 0.314 vs 0.319 without on 200 demo
+# test utterances (25 Hz, K=512, 2000 steps): no gain, so it went.
+_RETIRED = {"mel_floor": 0.0}
+
+
+@dataclass(frozen=True)
+class VocoderConfig:
+    """The unit vocoder: network shape, training and Griffin-Lim settings."""
+
+    vocab_size: int = 512
+    """Number of distinct units (the speech tokenizer's K); ensure_vocoder takes it from the tokenizer."""
+    frame_rate: float = 25.0
+    """Unit rate in Hz (the tokenizer's); 100 / frame_rate must be a whole number (100, 50, 25 Hz...)."""
+    n_mels: int = 80
+    """Mel bins of the predicted frames (the tokenizer's n_mels)."""
+    channels: int = 256
+    """Width of the convolution stack."""
+    layers: int = 6
+    """Residual dilated-conv blocks at the unit rate (the context)."""
+    kernel_size: int = 3
+    """Kernel of the unit-rate convolutions (odd)."""
+    dilations: tuple[int, ...] = (1, 2, 4)
+    """Dilations cycled over the unit-rate blocks. Receptive field: 1 + sum((k-1)*d) units; the default
+    6 blocks x (1, 2, 4) at 25 Hz span 29 units = 1.16 s (+-0.56 s around each unit)."""
+    post_layers: int = 1
+    """Residual postnet blocks at 100 Hz on the mel frames (smooth the unit boundaries); 0 for none."""
+    post_channels: int = 128
+    """Hidden width of the postnet blocks."""
+    post_kernel_size: int = 5
+    """Kernel of the 100 Hz postnet convolutions (odd)."""
+    steps: int = 3000
+    """Optimizer steps in total (3000 x 16 x 2 s: 8-25 min on one busy CPU core, 1.9M parameters).
+    Raised from 2000 together with max_utterances 3000 -> 6000: pocketsphinx WER on audio resynthesised
+    from gold units 0.319 -> 0.296 (original audio 0.169; 200 demo test utterances, 25 Hz, K=512)."""
+    lr: float = 2e-3
+    """Peak AdamW learning rate (warmup, then cosine decay to lr/10)."""
+    warmup_steps: int = 100
+    """Linear warmup steps."""
+    weight_decay: float = 0.01
+    """AdamW weight decay on matrices."""
+    batch_size: int = 16
+    """Segments per step."""
+    segment_seconds: float = 2.0
+    """Length of the random training segments (shorter utterances are padded and masked)."""
+    save_every: int = 200
+    """Steps between checkpoints (train.pt); an interrupted run resumes from the last one."""
+    max_utterances: int = 6000
+    """ensure_vocoder trains on at most this many (speech, aligned) utterances, a seeded sample
+    (their log-mel frames are held in memory: about 75 MB per hour of audio). 6000 = all of the demo
+    corpus's speech + aligned roles (3.9 h); raised from 3000 with `steps`, see there."""
+    seed: int = 0
+    """Initialisation, the utterance sample and the segment draws."""
+    gl_iters: int = 48
+    """Griffin-Lim iterations (cost grows linearly; ~0.04 real-time factor for 64 on one CPU core)."""
+    gl_momentum: float = 0.99
+    """Griffin-Lim momentum ("fast Griffin-Lim"; 0 is the classic algorithm)."""
+
+    def validate(self) -> None:
+        up = MEL_RATE / self.frame_rate if self.frame_rate > 0 else 0
+        checks = [
+            (self.vocab_size >= 1, f"vocab_size {self.vocab_size}: must be >= 1"),
+            (self.frame_rate > 0 and up >= 1 and abs(up - round(up)) < 1e-6,
+             f"frame_rate {self.frame_rate}: 100 / frame_rate must be a whole number (100, 50, 25, 20... Hz)"),
+            (self.n_mels >= 1, f"n_mels {self.n_mels}: must be >= 1"),
+            (self.channels >= 1, f"channels {self.channels}: must be >= 1"),
+            (self.layers >= 0, f"layers {self.layers}: must be >= 0"),
+            (self.kernel_size >= 1 and self.kernel_size % 2 == 1, f"kernel_size {self.kernel_size}: must be odd and >= 1"),
+            (len(self.dilations) >= 1 and all(int(d) >= 1 for d in self.dilations),
+             f"dilations {list(self.dilations)}: need at least one, each >= 1"),
+            (self.post_layers >= 0, f"post_layers {self.post_layers}: must be >= 0"),
+            (self.post_channels >= 1, f"post_channels {self.post_channels}: must be >= 1"),
+            (self.post_kernel_size >= 1 and self.post_kernel_size % 2 == 1,
+             f"post_kernel_size {self.post_kernel_size}: must be odd and >= 1"),
+            (self.steps >= 1, f"steps {self.steps}: must be >= 1"),
+            (self.lr > 0, f"lr {self.lr}: must be > 0"),
+            (self.warmup_steps >= 0, f"warmup_steps {self.warmup_steps}: must be >= 0"),
+            (self.weight_decay >= 0, f"weight_decay {self.weight_decay}: must be >= 0"),
+            (self.batch_size >= 1, f"batch_size {self.batch_size}: must be >= 1"),
+            (self.segment_seconds > 0 and self.segment_seconds * self.frame_rate >= 1,
+             f"segment_seconds {self.segment_seconds}: must hold at least one unit"),
+            (self.save_every >= 1, f"save_every {self.save_every}: must be >= 1"),
+            (self.max_utterances >= 1, f"max_utterances {self.max_utterances}: must be >= 1"),
+            (self.gl_iters >= 1, f"gl_iters {self.gl_iters}: must be >= 1"),
+            (0 <= self.gl_momentum < 1, f"gl_momentum {self.gl_momentum}: must be in [0, 1)"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ZipperError(f"vocoder config: {msg}")
+
+    @property
+    def upsample(self) -> int:
+        """100 Hz mel frames per unit."""
+        return int(round(MEL_RATE / self.frame_rate))
+
+    @property
+    def segment_units(self) -> int:
+        return max(1, int(round(self.segment_seconds * self.frame_rate)))
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["dilations"] = [int(x) for x in self.dilations]
+        return d
+
+    def training_dict(self) -> dict:
+        """The settings that change the trained weights (Griffin-Lim and checkpoint spacing do not)."""
+        return {k: v for k, v in self.to_dict().items() if k not in INFERENCE_ONLY}
+
+    @classmethod
+    def same_training(cls, stored: dict, cfg: "VocoderConfig") -> bool:
+        """Whether a stored (to_dict or training_dict) config trains the same weights as cfg; stored
+        configs of earlier versions are read through from_dict, so retired fields at their "off" value
+        compare equal."""
+        try:
+            return cls.from_dict(stored).training_dict() == cfg.training_dict()
+        except (ZipperError, ValueError, TypeError, AttributeError):
+            return False
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "VocoderConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        for k, off in _RETIRED.items():
+            if k in d and d[k] != off:
+                raise ZipperError(f"vocoder config: {k}={d[k]!r} is no longer supported (only {off!r}); "
+                                  "retrain the vocoder")
+        d = {k: v for k, v in d.items() if k not in _RETIRED}  # their "off" value: what this version does
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ZipperError(f"vocoder config: unknown fields {unknown}")
+        d = dict(d)
+        if "dilations" in d:
+            d["dilations"] = tuple(int(x) for x in d["dilations"])
+        return cls(**d)
+
+
+# ----------------------------------------------------------------------------- the network
+
+
+class _ChannelNorm(nn.Module):
+    """RMS norm over the channel axis of [B, C, T] (no transposes: cheap on CPU)."""
+
+    def __init__(self, channels: int, eps: float = 1e-5):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.rsqrt(x.pow(2).mean(1, keepdim=True) + self.eps) * self.weight[:, None]
+
+
+class _ResBlock(nn.Module):
+    """x + W2 gelu(conv_k,d(gelu(norm(x)))), with padded positions zeroed before each convolution."""
+
+    def __init__(self, channels: int, kernel: int, dilation: int):
+        super().__init__()
+        self.norm = _ChannelNorm(channels)
+        self.conv = nn.Conv1d(channels, channels, kernel, dilation=dilation, padding=(kernel - 1) // 2 * dilation)
+        self.proj = nn.Conv1d(channels, channels, 1)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        h = F.gelu(self.norm(x)) * mask
+        h = self.proj(F.gelu(self.conv(h)))
+        return (x + h) * mask
+
+
+class _PostBlock(nn.Module):
+    """At 100 Hz on the mel frames: mel + conv_k(gelu(conv_k(mel))) through `channels` (a postnet)."""
+
+    def __init__(self, n_mels: int, channels: int, kernel: int):
+        super().__init__()
+        self.conv1 = nn.Conv1d(n_mels, channels, kernel, padding=(kernel - 1) // 2)
+        self.conv2 = nn.Conv1d(channels, n_mels, kernel, padding=(kernel - 1) // 2)
+        nn.init.zeros_(self.conv2.weight)  # starts as the identity
+        nn.init.zeros_(self.conv2.bias)
+
+    def forward(self, mel: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        h = F.gelu(self.conv1(mel * mask)) * mask
+        return mel + self.conv2(h)
+
+
+class UnitVocoder(nn.Module):
+    """Units [B, T] -> un-normalised 100 Hz log-mel [B, T * upsample, n_mels]; vocode() adds Griffin-Lim."""
+
+    def __init__(self, cfg: VocoderConfig):
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        c, up = cfg.channels, cfg.upsample
+        self.embed = nn.Embedding(cfg.vocab_size, c)
+        self.pre = nn.ModuleList(_ResBlock(c, cfg.kernel_size, int(cfg.dilations[i % len(cfg.dilations)]))
+                                 for i in range(cfg.layers))
+        self.norm = _ChannelNorm(c)
+        # position-specific frames: unit t gives mel frames t*up .. t*up+up-1 (a transposed conv, kernel = stride)
+        self.out = nn.Conv1d(c, up * cfg.n_mels, 1)
+        nn.init.constant_(self.out.bias, math.log(1e-3))  # a quiet start; train_vocoder sets the data mean
+        self.post = nn.ModuleList(_PostBlock(cfg.n_mels, cfg.post_channels, cfg.post_kernel_size)
+                                  for _ in range(cfg.post_layers))
+
+    def set_output_mean(self, mean_frame: torch.Tensor) -> None:
+        """Start the output at this log-mel frame [n_mels] (the training data's mean)."""
+        with torch.no_grad():
+            self.out.bias.copy_(mean_frame.float().repeat(self.upsample))
+
+    @property
+    def upsample(self) -> int:
+        return self.cfg.upsample
+
+    @property
+    def receptive_field_seconds(self) -> float:
+        """Span of units that one output frame depends on (unit-rate blocks; the 100 Hz blocks add a little)."""
+        units = 1 + sum((self.cfg.kernel_size - 1) * int(self.cfg.dilations[i % len(self.cfg.dilations)])
+                        for i in range(self.cfg.layers))
+        frames = 2 * (self.cfg.post_kernel_size - 1) * self.cfg.post_layers
+        return units / self.cfg.frame_rate + frames / MEL_RATE
+
+    def forward(self, units: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        b, t = units.shape
+        up = self.upsample
+        if lengths is None:
+            lengths = torch.full((b,), t, dtype=torch.long, device=units.device)
+        mask = (torch.arange(t, device=units.device)[None, :] < lengths[:, None]).unsqueeze(1).float()  # [B,1,T]
+        x = self.embed(units.clamp(0, self.cfg.vocab_size - 1)).transpose(1, 2) * mask  # [B, C, T]
+        for block in self.pre:
+            x = block(x, mask)
+        y = self.out(F.gelu(self.norm(x)))  # [B, up*n_mels, T]
+        mel = y.view(b, up, self.cfg.n_mels, t).permute(0, 2, 3, 1).reshape(b, self.cfg.n_mels, t * up)
+        if self.post:
+            up_mask = mask.repeat_interleave(up, dim=2)
+            for block in self.post:
+                mel = block(mel, up_mask)
+        return mel.transpose(1, 2)  # [B, T*up, n_mels]
+
+    def _check_units(self, units) -> np.ndarray:
+        u = np.asarray(units)
+        if u.ndim != 1:
+            raise ValueError(f"vocoder expects a 1-D unit sequence, got shape {u.shape}")
+        if u.size and (u.min() < 0 or u.max() >= self.cfg.vocab_size):
+            raise ZipperError(f"units outside 0..{self.cfg.vocab_size - 1} (got {int(u.min())}..{int(u.max())}): "
+                              "they were not made by this vocoder's speech tokenizer")
+        return u.astype(np.int64)
+
+    @torch.no_grad()
+    def mels(self, units_list: Sequence[np.ndarray], batch_size: int = 16) -> list[torch.Tensor]:
+        """Log-mel [len(units) * upsample, n_mels] for each unit sequence, in padded batches."""
+        seqs = [self._check_units(u) for u in units_list]
+        was_training = self.training
+        self.eval()
+        out: list[torch.Tensor | None] = [None] * len(seqs)
+        order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))  # similar lengths share a batch
+        try:
+            for s in range(0, len(order), batch_size):
+                idx = order[s:s + batch_size]
+                lens = torch.tensor([len(seqs[i]) for i in idx])
+                if int(lens.max()) == 0:
+                    for i in idx:
+                        out[i] = torch.zeros(0, self.cfg.n_mels)
+                    continue
+                x = torch.zeros(len(idx), int(lens.max()), dtype=torch.long)
+                for j, i in enumerate(idx):
+                    x[j, :len(seqs[i])] = torch.from_numpy(seqs[i])
+                mel = self(x, lens)
+                for j, i in enumerate(idx):
+                    out[i] = mel[j, :int(lens[j]) * self.upsample].clone()
+        finally:
+            self.train(was_training)
+        return out  # type: ignore[return-value]
+
+    def mel(self, units: np.ndarray) -> torch.Tensor:
+        return self.mels([units])[0]
+
+    def vocode(self, units: np.ndarray) -> np.ndarray:
+        """Units -> 16 kHz mono float32 audio in [-1, 1], len(units) * 16000 / frame_rate samples."""
+        return self.vocode_many([units])[0]
+
+    def vocode_many(self, units_list: Sequence[np.ndarray], batch_size: int = 16) -> list[np.ndarray]:
+        """Batched network, then Griffin-Lim per utterance (its cost dominates; deterministic per utterance)."""
+        return [griffin_lim(m, self.cfg.gl_iters, self.cfg.gl_momentum) for m in self.mels(units_list, batch_size)]
