@@ -80,6 +80,24 @@ def load_checkpoint(path: Path) -> dict:
         raise ZipperError(f"{path}: not a loadable zipper checkpoint ({' '.join(str(e).split())[:200]})") from None
 
 
+def load_state(model: torch.nn.Module, path: Path, config: Path | None = None) -> None:
+    """Load the tensors at `path` into `model`; tensors that do not fit (another size, a newer zipper) are
+    one error naming both files, never a traceback."""
+    state = load_checkpoint(path)
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, TypeError, AttributeError, KeyError, ValueError) as e:
+        raise ZipperError(f"{path}: does not fit the model in {config or 'its config'} ({mismatch(e)}); "
+                          "was it copied from another run or written by another zipper version?") from None
+
+
+def mismatch(e: Exception) -> str:
+    """The first specific line of a load_state_dict error, e.g. 'size mismatch for embed.weight: ...'."""
+    lines = [x.strip() for x in str(e).splitlines() if x.strip()]
+    detail = lines[1] if len(lines) > 1 and lines[0].startswith("Error(s) in loading") else (lines[0] if lines else type(e).__name__)
+    return detail[:200] + ("..." if len(detail) > 200 else "")
+
+
 def warn(msg: str) -> None:
     """A warning on stderr (stdout is for progress and results)."""
     print(msg, file=sys.stderr, flush=True)

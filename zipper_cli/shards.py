@@ -13,6 +13,7 @@ tokens/ROLE/index.json lists the shards and is written when the role is complete
 from __future__ import annotations
 
 import json
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,7 +64,7 @@ def read_shard(path: Path) -> Shard:
             return Shard(ids, split(z["text"], z["text_off"]), split(z["speech"], z["speech_off"]),
                          [float(d) for d in z["durations"]], str(z["text_tok"]), str(z["speech_tok"]),
                          json.loads(str(z["rejects"])))
-    except (OSError, ValueError, KeyError) as e:
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
         raise ZipperError(f"{path}: unreadable token shard ({' '.join(str(e).split())}); rerun zipper tokenize --force") from None
 
 

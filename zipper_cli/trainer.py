@@ -248,10 +248,16 @@ def train(out_dir: Path, model: torch.nn.Module, train_examples: Sequence, dev_e
     resumed = latest_checkpoint(ckpt_dir, log=warn if d.main else (lambda *_: None))
     if resumed is not None:
         step, state = resumed
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        epoch, batch_pos = int(state["epoch"]), int(state["batch_pos"])
-        rng = state["rng_cpu"]
+        try:
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["optimizer"])
+            epoch, batch_pos = int(state["epoch"]), int(state["batch_pos"])
+            rng = state["rng_cpu"]
+        except (RuntimeError, KeyError, TypeError, ValueError, AttributeError) as e:
+            from .checkpoint import mismatch
+
+            raise ZipperError(f"{ckpt_dir}: checkpoint step {step} does not fit this model or this zipper "
+                              f"({mismatch(e)}); rerun with --force to start over") from None
         torch.set_rng_state(rng[d.rank % rng.shape[0]] if rng.dim() > 1 else rng)
         if device == "cuda" and "rng_cuda" in state:
             torch.cuda.set_rng_state(state["rng_cuda"])

@@ -93,7 +93,16 @@ def load_generator(run_dir: Path, model: str):
     if model.startswith("towers/"):
         tower, meta = load_tower(run_dir / model)
         return TowerGenerator(tower.eval(), meta["modality"]), "tower"
-    net, meta = load_fused(run_dir / model)
+    try:
+        net, meta = load_fused(run_dir / model)
+    except ZipperError as e:
+        msg = str(e) if str(run_dir / model) in str(e) else f"{run_dir / model / 'config.json'}: {e}"
+        raise ZipperError(f"--model {model}: {msg}") from None
+    except (RuntimeError, KeyError, TypeError, ValueError) as e:  # weights that do not fit the config
+        from ..checkpoint import mismatch
+
+        raise ZipperError(f"--model {model}: {run_dir / model / 'model.pt'} does not fit the model in "
+                          f"{run_dir / model / 'config.json'} ({mismatch(e)})") from None
     if meta["arch"] == "zipper":
         return ZipperGenerator(net), "zipper"
     return SingleDecoderGenerator(net, SingleDecoderVocab(**meta["single_decoder_vocab"])), "single-decoder"

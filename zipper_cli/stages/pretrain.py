@@ -111,10 +111,13 @@ def load_tower(directory: Path, device: str = "cpu") -> tuple[Tower, dict]:
         meta = json.loads((directory / "config.json").read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise ZipperError(f"{directory / 'config.json'}: cannot read the tower config ({e})") from None
-    from ..checkpoint import load_checkpoint
+    from ..checkpoint import load_state
 
-    model = Tower(TowerConfig.from_dict(meta["tower"]))
-    model.load_state_dict(load_checkpoint(directory / "model.pt"))
+    try:
+        model = Tower(TowerConfig.from_dict(meta["tower"]))
+    except (ZipperError, KeyError, TypeError, ValueError) as e:  # e.g. a key added by a newer zipper
+        raise ZipperError(f"{directory / 'config.json'}: {e}") from None
+    load_state(model, directory / "model.pt", directory / "config.json")
     return model.to(device), meta
 
 
