@@ -123,7 +123,7 @@ def test_pretrain_killed_four_times_and_a_truncated_checkpoint(ref):
     assert_same_marker(a, b, "pretrain-text.done.json")
 
 
-def test_fuse_killed_four_times_and_a_corrupted_checkpoint(ref):
+def test_fuse_killed_three_times_and_a_corrupted_checkpoint(ref):
     tag = "zipper-freeze-text"
     cwd = copy_before(ref, "fuse", ["fused", "decode", "eval", "judges", "stages/fuse-*", "stages/decode-*",
                                     "stages/eval-*"])
@@ -139,7 +139,6 @@ def test_fuse_killed_four_times_and_a_corrupted_checkpoint(ref):
     res = kill_chain(cwd, FUSE, f"fuse-{tag}.done.json",
                      ["step:1",                        # one step logged, no checkpoint yet
                       "wrote:step-00000004.json",      # checkpoint 4 complete
-                      "step:5",                        # a step past the last checkpoint
                       f"write:fuse-{tag}.done.json"],
                      between=corrupt_newest)
     assert "fails its checksum" in res[2].stderr and "step-00000004.pt" in res[2].stderr
@@ -149,14 +148,13 @@ def test_fuse_killed_four_times_and_a_corrupted_checkpoint(ref):
     assert_same_marker(a, b, f"fuse-{tag}.done.json")
 
 
-def test_decode_killed_four_times_including_vocoder_training(ref):
+def test_decode_killed_three_times_including_vocoder_training(ref):
     cwd = copy_before(ref, "dec", ["decode/tts", "stages/decode-tts.*", "tokenizers/speech/vocoder", "eval", "judges",
                                    "stages/eval-*"])
     kill_chain(cwd, DECODE_TTS, "decode-tts.done.json",
                ["wrote:vocoder.pt",             # the unit vocoder trained, its marker not written
-                "wrote:*.wav#2",                # two of the four WAVs written
-                "write:hyp.jsonl",              # every WAV, hypotheses not yet in place
-                "write:decode-tts.done.json"])
+                "wrote:*.wav#2",                # two of the four WAVs written, no hypotheses
+                "write:decode-tts.done.json"])  # everything but the marker
     a, b = ref / "ref" / "run", cwd / "run"
     assert_same_files(files(a, "decode/tts", "tokenizers/speech/vocoder"),
                       files(b, "decode/tts", "tokenizers/speech/vocoder"))
@@ -179,5 +177,5 @@ def test_killed_for_real_by_a_separate_process(ref):
     cwd = copy_before(ref, "sub", ["decode/asr", "stages/decode-asr.*"])
     res = zipper(*DECODE_ASR, cwd=cwd, kill_at="write:hyp.jsonl", subprocess_=True)
     assert res.killed and not (cwd / "run" / "stages" / "decode-asr.done.json").exists()
-    zipper(*DECODE_ASR, cwd=cwd, subprocess_=True, ok=True)
+    zipper(*DECODE_ASR, cwd=cwd)
     assert_same_files(files(ref / "ref" / "run", "decode/asr"), files(cwd / "run", "decode/asr"))
