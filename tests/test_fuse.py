@@ -141,3 +141,27 @@ def test_aligned_subset_tag_and_resume(pretrained, tmp_path):
     wb = load_checkpoint(out / "model.pt")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     assert json.loads((out / "config.json").read_text())["aligned_utterances"] == 5
+
+
+def test_zipper_under_two_gloo_processes_equals_one_process(pretrained, tmp_path):
+    # Batches hold one task, so every step leaves one cross-attention direction unused: DDP has to be
+    # told (find_unused_parameters) or the second process's run fails.
+    import os
+    import subprocess
+    import sys
+
+    runs = {n: tmp_path / n for n in ("one", "two")}
+    for r in runs.values():
+        shutil.copytree(pretrained, r)
+    args = ["fuse", "--freeze", "text", "--steps", "4", "--max-tokens", "512", "--eval-every", "2",
+            "--ckpt-every", "2", "--lr", "3e-3", "--warmup", "1", "--device", "cpu", "--ctc-weight", "0.3"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    subprocess.run([sys.executable, "-m", "zipper_cli.cli", *args, "--run-dir", str(runs["one"])], check=True,
+                   capture_output=True, timeout=600, env=env)
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "-m", "zipper_cli.cli", *args, "--run-dir", str(runs["two"])],
+                         capture_output=True, text=True, timeout=600, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    w1, w2 = (load_checkpoint(r / "fused" / "zipper-freeze-text" / "model.pt") for r in runs.values())
+    for k in w1:
+        torch.testing.assert_close(w1[k], w2[k], rtol=1e-4, atol=1e-5)

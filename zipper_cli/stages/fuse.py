@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ..atomic import atomic_path, read_jsonl, sha256_file, write_json
-from ..checkpoint import load_checkpoint
+from ..checkpoint import load_state
 from ..console import log
 from ..errors import ZipperError
 from ..fusion_data import ASR, TTS, Example, make_examples, nested_subset, parse_task_mix, tower_batch
@@ -188,12 +188,17 @@ def load_fused(directory: Path, device: str = "cpu"):
         meta = json.loads((directory / "config.json").read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise ZipperError(f"{directory / 'config.json'}: cannot read the fused model config ({e})") from None
-    towers = {n: TowerConfig.from_dict(c) for n, c in meta["towers"].items()}
-    if meta["arch"] == "zipper":
-        model = Zipper.from_configs(ZipperConfig.from_dict(meta["zipper"]), towers)
-    else:
-        model = Tower(towers["single"])
-    model.load_state_dict(load_checkpoint(directory / "model.pt"))
+    try:
+        towers = {n: TowerConfig.from_dict(c) for n, c in meta["towers"].items()}
+        if meta["arch"] == "zipper":
+            model = Zipper.from_configs(ZipperConfig.from_dict(meta["zipper"]), towers)
+        else:
+            model = Tower(towers["single"])
+    except ZipperError as e:
+        raise ZipperError(f"{directory / 'config.json'}: {e}") from None
+    except (KeyError, TypeError) as e:
+        raise ZipperError(f"{directory / 'config.json'}: not a fused model config (missing {e})") from None
+    load_state(model, directory / "model.pt", directory / "config.json")
     return model.to(device).eval(), meta
 
 
@@ -266,9 +271,11 @@ def _fuse(run_dir: Path, cfg: FuseConfig, tag: str, out: Path, tok: dict, stage,
             row |= gate_values(m)
         return row
 
+    # Every process evaluates (evaluate() is a collective under torchrun); the main one writes. Before
+    # train() the model is at step 0 even when resuming, so this is the step-0 row either way.
+    initial = per_direction(model)
     initial_path = out / "initial.json"
     if d.main and not initial_path.exists():
-        initial = per_direction(model)
         write_json(initial_path, initial)
     if d.main:
         write_json(out / "config.json", meta)
@@ -278,6 +285,7 @@ def _fuse(run_dir: Path, cfg: FuseConfig, tag: str, out: Path, tok: dict, stage,
     summary = train(out, model, train_ex, dev_ex[ASR] + dev_ex[TTS], [len(e) for e in train_ex], loss_fn, cfg.train,
                     log=log if d.main else (lambda *_: None), extra_metrics=per_direction,
                     groups=[int(e.task == TTS) for e in train_ex])
+    final = per_direction(model)  # collective too: before the main-only part
     if not d.main:
         return summary
     with atomic_path(out / "model.pt") as tmp:
@@ -286,8 +294,6 @@ def _fuse(run_dir: Path, cfg: FuseConfig, tag: str, out: Path, tok: dict, stage,
     plot_metrics(rows, out / "loss.png", f"{tag}", keys=("loss", "dev_asr_loss", "dev_tts_loss"))
     if cfg.arch == "zipper":
         plot_gates(rows, out / "gates.png", tag)
-    initial = json.loads(initial_path.read_text())
-    final = per_direction(model)
     summary |= {"params": n_total, "trainable_params": n_train, "aligned_utterances": len(aligned),
                 "initial": initial, "final": final}
     for task in (ASR, TTS):
