@@ -70,6 +70,11 @@ def test_extend_tower_keeps_rows_and_text_logits():
     # reproducible and the caller's tower untouched
     assert torch.equal(extend_tower(base, v.n_new).wte.weight, ext.wte.weight)
     assert base.cfg.vocab_size == V_TEXT
+    # --dropout reaches the baseline's layers (the paper's 0.1) and acts only in training.
+    drop = build_single_decoder(base, v, dropout=0.1).eval()
+    assert drop.cfg.dropout == 0.1 and base.cfg.dropout == 0.0
+    assert torch.equal(drop(x)[..., :V_TEXT], base(x))
+    assert not torch.equal(drop.train()(x), drop.train()(x))
 
 
 def test_extended_tower_trains_all_parameters():

@@ -151,7 +151,7 @@ def fuse(
     n_cross: Optional[int] = typer.Option(None, help="Cross-attention points per tower (default 4)."),
     input_proj: str = typer.Option("text,speech", help="Towers with input projections, or 'none'."),
     proj_layers: int = typer.Option(3, help="Depth of the ReLU MLPs."),
-    dropout: float = typer.Option(0.0, help="Dropout in the fusion blocks."),
+    dropout: float = typer.Option(0.0, help="Dropout in the fusion blocks (zipper) or the whole single decoder."),
     ctc_weight: float = typer.Option(0.0, "--ctc-weight", help="Auxiliary CTC loss on ASR examples (0 = the paper)."),
     gate_lr_mult: float = typer.Option(1.0, "--gate-lr-mult", help="LR multiplier of the tanh gates (start at 0)."),
     steps: int = Steps, lr: float = Lr, warmup: int = Warmup, grad_clip: float = GradClip, grad_accum: int = GradAccum,

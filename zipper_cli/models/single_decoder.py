@@ -104,7 +104,7 @@ def _join(prompt: np.ndarray, out: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 @torch.no_grad()
-def extend_tower(tower: Tower, n_new: int, noise: float = 0.1, seed: int = 0) -> Tower:
+def extend_tower(tower: Tower, n_new: int, noise: float = 0.1, seed: int = 0, dropout: float | None = None) -> Tower:
     """A new Tower with vocab_size + n_new: every parameter copied bitwise, the embedding's first rows
     the original ones, new rows = mean of the original rows + noise * (their per-dimension std) * N(0, 1).
 
@@ -113,11 +113,13 @@ def extend_tower(tower: Tower, n_new: int, noise: float = 0.1, seed: int = 0) ->
     row far from the text rows could) nor starts far from the region the blocks' outputs live in; the
     noise, scaled to the rows' own spread, breaks the tie between new tokens so they can separate.
     The original rows are untouched, so logits[..., :V] of text input equal the original tower's at step 0
-    (the softmax over the extended vocabulary of course differs). The caller's tower is not modified."""
+    (the softmax over the extended vocabulary of course differs). The caller's tower is not modified.
+    dropout (None: the tower's own) sets the new tower's dropout, which only acts in training."""
     if not isinstance(n_new, int) or n_new < 0:
         raise ZipperError(f"extend_tower: n_new ({n_new!r}) must be a non-negative integer")
     old = tower.wte.weight
-    cfg = dataclasses.replace(tower.cfg, vocab_size=tower.cfg.vocab_size + n_new)
+    cfg = dataclasses.replace(tower.cfg, vocab_size=tower.cfg.vocab_size + n_new,
+                              dropout=tower.cfg.dropout if dropout is None else dropout).validate()
     new = Tower(cfg).to(device=old.device, dtype=old.dtype)
     gen = torch.Generator(device="cpu").manual_seed(seed)  # reproducible, independent of the global RNG
     rows = torch.randn(n_new, old.shape[1], generator=gen, dtype=torch.float32).to(old.device)
@@ -129,9 +131,9 @@ def extend_tower(tower: Tower, n_new: int, noise: float = 0.1, seed: int = 0) ->
     return new
 
 
-def build_single_decoder(text_tower: Tower, vocab: SingleDecoderVocab, seed: int = 0) -> Tower:
+def build_single_decoder(text_tower: Tower, vocab: SingleDecoderVocab, seed: int = 0, dropout: float | None = None) -> Tower:
     """The baseline model: the text tower extended to the joint vocabulary (all parameters trainable)."""
     if vocab.text_size != text_tower.cfg.vocab_size:
         raise ZipperError(f"single decoder: text vocabulary {vocab.text_size} != the text tower's "
                           f"{text_tower.cfg.vocab_size}")
-    return extend_tower(text_tower, vocab.n_new, seed=seed)
+    return extend_tower(text_tower, vocab.n_new, seed=seed, dropout=dropout)

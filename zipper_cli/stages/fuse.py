@@ -61,7 +61,8 @@ class FuseConfig:
     proj_layers: int = 3
     """--proj-layers: depth of the ReLU MLPs (width projection g, input projections)."""
     dropout: float = 0.0
-    """--dropout: dropout in the fusion blocks."""
+    """--dropout: dropout in the fusion blocks (zipper), or in every layer of the single decoder (the
+    paper's baseline uses 0.1)."""
     ctc_weight: float = 0.0
     """--ctc-weight: weight of an auxiliary CTC loss on ASR examples (zipper only; 0 = the paper's
     training). Adds a CTC head that reads the speech tower through the last text<-speech projection g."""
@@ -250,7 +251,7 @@ def _fuse(run_dir: Path, cfg: FuseConfig, tag: str, out: Path, tok: dict, stage,
                 "towers": {n: t.cfg.to_dict() for n, t in model.towers.items()}}
     else:
         sd_vocab = SingleDecoderVocab(text_tower.cfg.vocab_size, _speech_vocab(run_dir))
-        model = build_single_decoder(text_tower, sd_vocab, seed=cfg.train.seed)
+        model = build_single_decoder(text_tower, sd_vocab, seed=cfg.train.seed, dropout=cfg.dropout)
         loss_fn = SingleDecoderLoss()
         train_ex = to_single_decoder(train_ex, sd_vocab)
         dev_ex = {task: to_single_decoder(ex, sd_vocab) for task, ex in dev_ex.items()}
