@@ -90,3 +90,32 @@ def test_second_process_on_same_stage_is_refused(tmp_path):
         except ZipperError:
             assert time.time() < deadline
             time.sleep(0.05)
+
+
+def test_a_field_added_since_a_stage_finished_matches_at_its_default(tmp_path):
+    import dataclasses
+
+    from zipper_cli.rundir import config_defaults, config_dict, open_stage
+
+    @dataclasses.dataclass
+    class Inner:
+        lr: float = 1e-3
+        new_mult: float = 1.0  # added in a later version; 1.0 is what earlier versions did
+
+    @dataclasses.dataclass
+    class Cfg:
+        steps: int
+        inner: Inner = dataclasses.field(default_factory=Inner)
+
+    cfg = Cfg(steps=5)
+    old = config_dict(cfg)
+    del old["inner"]["new_mult"]  # the marker an earlier version wrote
+    with open_stage(tmp_path, "s", old, {}, log=lambda *_: None) as stage:
+        stage.finish()
+    assert config_defaults(cfg) == {"inner": {"lr": 1e-3, "new_mult": 1.0}}
+    with open_stage(tmp_path, "s", config_dict(cfg), {}, log=lambda *_: None, defaults=config_defaults(cfg)) as stage:
+        assert stage is None  # same work: skipped
+    changed = Cfg(steps=5, inner=Inner(new_mult=10.0))
+    with pytest.raises(ZipperError, match=r"inner.new_mult: '<unset>' -> 10.0"):
+        with open_stage(tmp_path, "s", config_dict(changed), {}, log=lambda *_: None, defaults=config_defaults(changed)):
+            pass

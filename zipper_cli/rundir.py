@@ -84,13 +84,32 @@ def config_dict(cfg) -> dict:
     return json.loads(json.dumps(d, default=str))
 
 
-def diff_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
-    """Dotted keys whose values differ between two nested dicts, as 'key: old -> new'."""
-    out = []
+def config_defaults(cfg) -> dict:
+    """The default value of every field of a config dataclass that has one, nested like config_dict."""
+    out = {}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            out[f.name] = config_defaults(value)
+        elif f.default is not dataclasses.MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            out[f.name] = f.default_factory()
+    return json.loads(json.dumps(out, default=str))
+
+
+def diff_keys(old: dict, new: dict, prefix: str = "", defaults: dict | None = None) -> list[str]:
+    """Dotted keys whose values differ between two nested dicts, as 'key: old -> new'. A key the old
+    dict lacks counts as equal when the new value is its default: an option added by a later zipper
+    version defaults to what earlier versions did, so finished work stays finished after an upgrade."""
+    out, defaults = [], defaults or {}
     for key in sorted(set(old) | set(new)):
         a, b = old.get(key, "<unset>"), new.get(key, "<unset>")
         if isinstance(a, dict) and isinstance(b, dict):
-            out += diff_keys(a, b, f"{prefix}{key}.")
+            sub = defaults.get(key)
+            out += diff_keys(a, b, f"{prefix}{key}.", sub if isinstance(sub, dict) else None)
+        elif a == "<unset>" and key in defaults and defaults[key] == b:
+            continue
         elif a != b:
             out.append(f"{prefix}{key}: {a!r} -> {b!r}")
     return out
@@ -168,10 +187,11 @@ def stage_lock(run_dir: Path, name: str) -> Iterator[None]:
 
 @contextlib.contextmanager
 def open_stage(run_dir: Path, name: str, config: dict, inputs: dict, force: bool = False,
-               log=print) -> Iterator[Stage | None]:
+               log=print, defaults: dict | None = None) -> Iterator[Stage | None]:
     """Lock the stage and decide whether it must run.
 
-    Yields None when the stage already finished with this exact config (the caller skips),
+    Yields None when the stage already finished with this exact config (the caller skips; `defaults`,
+    from config_defaults, lets a config field added since then match when it has its default),
     else a Stage whose `finish()` the caller calls after writing every artifact.
     """
     run_dir = Path(run_dir)
@@ -180,7 +200,7 @@ def open_stage(run_dir: Path, name: str, config: dict, inputs: dict, force: bool
         if marker is not None and not force:
             old = {"config": marker.get("config", {}), "inputs": marker.get("inputs", {})}
             new = {"config": config, "inputs": inputs}
-            diffs = diff_keys(old, new)
+            diffs = diff_keys(old, new, defaults={"config": defaults or {}})
             if not diffs:
                 log(f"[{name}] already done in {run_dir} (same config); skipping")
                 yield None

@@ -158,20 +158,21 @@ def broadcast(obj, d: Dist):
 
 
 @contextlib.contextmanager
-def training_stage(run_dir: Path, name: str, stage_cfg: dict, inputs: dict, out: Path, force: bool, d: Dist):
+def training_stage(run_dir: Path, name: str, stage_cfg: dict, inputs: dict, out: Path, force: bool, d: Dist,
+                   defaults: dict | None = None):
     """Open a training stage. Rank 0 owns the run directory (lock, marker, files) and every rank follows
     its decision: yields the Stage on rank 0 ("follower" on the others) when the stage must run, None
     when it is already done; rank 0's error is raised on every rank."""
     error, ctx = None, contextlib.nullcontext("follower")
     if d.main:
         init_run_dir(run_dir)
-        ctx = open_stage(run_dir, name, stage_cfg, inputs, force=force, log=console_log)
+        ctx = open_stage(run_dir, name, stage_cfg, inputs, force=force, log=console_log, defaults=defaults)
     with contextlib.ExitStack() as stack:
         stage = None
         try:
             stage = stack.enter_context(ctx)
             if d.main and stage is not None:
-                _check_unfinished(out, stage_cfg, force)
+                _check_unfinished(out, stage_cfg, force, defaults)
         except ZipperError as e:
             error = str(e)
         decision = broadcast({"error": error, "run": stage is not None}, d)
@@ -180,11 +181,11 @@ def training_stage(run_dir: Path, name: str, stage_cfg: dict, inputs: dict, out:
         yield stage if decision["run"] else None
 
 
-def _check_unfinished(out: Path, stage_cfg: dict, force: bool) -> None:
+def _check_unfinished(out: Path, stage_cfg: dict, force: bool, defaults: dict | None = None) -> None:
     """Checkpoints of an unfinished run with another config are not silently mixed with this one."""
     saved = out / "stage_config.json"
     if saved.exists() and any((out / "ckpt").glob("step-*.pt")):
-        diffs = diff_keys(json.loads(saved.read_text()), stage_cfg)
+        diffs = diff_keys(json.loads(saved.read_text()), stage_cfg, defaults=defaults)
         if diffs and not force:
             raise ZipperError(f"{out} holds checkpoints of an unfinished run with a different config "
                               f"({'; '.join(diffs)}); rerun with --force to start over")

@@ -23,7 +23,7 @@ from ..console import log
 from ..errors import ZipperError
 from ..generate import GenerationConfig, SingleDecoderGenerator, TowerGenerator, ZipperGenerator
 from ..models.single_decoder import SingleDecoderVocab
-from ..rundir import config_dict, init_run_dir, open_stage, require_stage
+from ..rundir import config_defaults, config_dict, init_run_dir, open_stage, require_stage
 from ..shards import load_role
 from ..speech_tokenizer import SpeechTokenizer
 from ..text_tokenizer import TextTokenizer
@@ -157,7 +157,8 @@ def decode(run_dir: Path, cfg: DecodeConfig, force: bool = False) -> dict | None
     stage_cfg = config_dict(cfg) | {"model": model}
     inputs = {"model": sha256_file(run_dir / model / "model.pt")}
     init_run_dir(run_dir)
-    with open_stage(run_dir, f"decode-{tag}", stage_cfg, inputs, force=force, log=log) as stage:
+    with open_stage(run_dir, f"decode-{tag}", stage_cfg, inputs, force=force, log=log,
+                    defaults=config_defaults(cfg)) as stage:
         if stage is None:
             return None
         generator, kind = load_generator(run_dir, model)

@@ -31,7 +31,7 @@ from ..console import console, log
 from ..errors import ZipperError
 from ..metrics import GOLD_ROWS, score, utterance_errors, wer_by_length_panels
 from ..plots import plot_wer_by_length
-from ..rundir import config_dict, init_run_dir, open_stage, require_stage
+from ..rundir import config_defaults, config_dict, init_run_dir, open_stage, require_stage
 from ..shards import load_role
 from ..vocab import to_sequence
 
@@ -86,7 +86,8 @@ def evaluate_run(run_dir: Path, cfg: EvalConfig, force: bool = False) -> dict | 
     tag = cfg.resolved_tag()
     out = run_dir / "eval" / tag
     init_run_dir(run_dir)
-    with open_stage(run_dir, f"eval-{tag}", config_dict(cfg), inputs, force=force, log=log) as stage:
+    with open_stage(run_dir, f"eval-{tag}", config_dict(cfg), inputs, force=force, log=log,
+                    defaults=config_defaults(cfg)) as stage:
         if stage is None:
             report = json.loads((out / "report.json").read_text())
             print_report(report)

@@ -27,7 +27,7 @@ from ..models.single_decoder import SingleDecoderVocab, build_single_decoder
 from ..models.tower import Tower, TowerConfig
 from ..models.zipper import Zipper, ZipperConfig
 from ..plots import plot_metrics
-from ..rundir import config_dict, require_stage
+from ..rundir import config_defaults, config_dict, require_stage
 from ..shards import load_role
 from ..trainer import TrainConfig, evaluate, init_distributed, resolve_device, train, training_stage
 from .pretrain import load_tower, tower_dir
@@ -223,7 +223,7 @@ def fuse(run_dir: Path, cfg: FuseConfig, force: bool = False) -> dict | None:
     inputs = {f"tower_{t}": sha256_file(tower_dir(run_dir, t) / "model.pt") for t in needed}
     inputs |= {"text_tokenizer": tok["text_tokenizer"], "speech_tokenizer": tok["speech_tokenizer"]}
 
-    with training_stage(run_dir, name, stage_cfg, inputs, out, force, d) as stage:
+    with training_stage(run_dir, name, stage_cfg, inputs, out, force, d, config_defaults(cfg)) as stage:
         if stage is None:
             return None
         return _fuse(run_dir, cfg, tag, out, tok, stage, d)

@@ -22,7 +22,7 @@ from ..console import log
 from ..errors import ZipperError
 from ..models.tower import PRESETS, Tower, TowerConfig, tower_preset
 from ..plots import plot_metrics
-from ..rundir import config_dict, require_stage
+from ..rundir import config_defaults, config_dict, require_stage
 from ..shards import load_role
 from ..trainer import Dist, TrainConfig, init_distributed, resolve_device, train, training_stage
 from ..vocab import specials, speech_vocab_size, split_long, text_vocab_size, to_sequence
@@ -134,7 +134,7 @@ def pretrain(run_dir: Path, cfg: PretrainConfig, force: bool = False) -> dict | 
     stage_cfg["train"].pop("device")  # where it runs does not change what it computes
     inputs = {f"{cfg.tower}_tokenizer": checksum}
 
-    with training_stage(run_dir, name, stage_cfg, inputs, out, force, d) as stage:
+    with training_stage(run_dir, name, stage_cfg, inputs, out, force, d, config_defaults(cfg)) as stage:
         if stage is None:
             return None
         return _pretrain(run_dir, cfg, out, checksum, stage, d)
