@@ -1,0 +1,97 @@
+#!/usr/bin/env bash
+# The paper's comparisons (arXiv 2405.18669, Tables 1-3 and Figure 3) on the built-in `demo` corpus:
+# Zipper with the speech tower trained ("unfrozen") and frozen, and the single-decoder baseline, each
+# fine-tuned on nested subsets of the aligned data under one compute budget, then decoded (ASR and TTS on
+# the test split), scored (ASR WER, TTS WER vs gold and vs target with both judges, text perplexity) and
+# compared with paired significance tests. Writes RESULTS.md (and plots/) in the run directory, or in
+# recipes/paper/ with --publish.
+#
+#   recipes/paper/run.sh [--stage N] [--stop-stage M] [--run-dir DIR] [--fractions "1 0.3 0.1 0.03"]
+#                        [--steps S] [--max-tokens T] [--limit N] [--publish]
+#
+# Stages: 1-3 the demo recipe's tokenize and pretraining (shared by every model), 4 fuse every
+# (model, fraction), 5 decode, 6 eval each model, 7 compare and write RESULTS.md.
+# The budget is the same for every model: --steps optimizer steps of at most --max-tokens padded tokens.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+
+stage=1
+stop_stage=100
+run_dir=runs/paper
+fractions="1 0.3 0.1 0.03"
+steps=600
+max_tokens=2048
+limit=200
+publish=0
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --stage) stage=$2; shift 2 ;;
+    --stop-stage) stop_stage=$2; shift 2 ;;
+    --run-dir) run_dir=$2; shift 2 ;;
+    --fractions) fractions=$2; shift 2 ;;
+    --steps) steps=$2; shift 2 ;;
+    --max-tokens) max_tokens=$2; shift 2 ;;
+    --limit) limit=$2; shift 2 ;;
+    --publish) publish=1; shift ;;
+    *) echo "recipes/paper/run.sh: unknown option $1 (options: --stage N --stop-stage M --run-dir DIR" \
+            "--fractions LIST --steps S --max-tokens T --limit N --publish)" >&2; exit 2 ;;
+  esac
+done
+
+zipper=.venv/bin/zipper
+[ -x "$zipper" ] || zipper=zipper
+python=.venv/bin/python
+[ -x "$python" ] || python=python3
+
+# model name -> fuse options. Zipper runs keep the text tower frozen (as in the paper); the learning
+# rates are the paper's choices for each condition scaled to this budget (see recipes/paper/README.md).
+declare -A fuse_opts=(
+  [zipper-unfrozen]="--arch zipper --freeze text --input-proj none --gate-lr-mult 10 --lr 1e-3 --dropout 0.1"
+  [zipper-frozen]="--arch zipper --freeze text,speech --input-proj none --gate-lr-mult 10 --lr 1e-3 --dropout 0.1"
+  [single-decoder]="--arch single-decoder --freeze none --lr 1e-3"
+)
+models="zipper-unfrozen zipper-frozen single-decoder"
+tags=()
+for f in $fractions; do
+  for m in $models; do tags+=("$m-f$f"); done
+done
+
+if [ "$stage" -le 3 ] && [ "$stop_stage" -ge 1 ]; then
+  recipes/demo/run.sh --run-dir "$run_dir" --stage "$stage" --stop-stage "$(( stop_stage < 3 ? stop_stage : 3 ))"
+fi
+
+if [ "$stage" -le 4 ] && [ "$stop_stage" -ge 4 ]; then
+  for f in $fractions; do
+    for m in $models; do
+      echo "== stage 4: fuse $m on fraction $f of the aligned data ($steps steps x $max_tokens tokens)"
+      # shellcheck disable=SC2086  # fuse_opts holds several options
+      $zipper fuse --run-dir "$run_dir" ${fuse_opts[$m]} --aligned-fraction "$f" --tag "$m-f$f" \
+        --steps "$steps" --warmup 50 --max-tokens "$max_tokens" --eval-every 100 --ckpt-every 100
+    done
+  done
+fi
+
+if [ "$stage" -le 5 ] && [ "$stop_stage" -ge 5 ]; then
+  for t in "${tags[@]}"; do
+    echo "== stage 5: decode $t (ASR and TTS, first $limit test utterances)"
+    $zipper decode --run-dir "$run_dir" --model "fused/$t" --outputs text --split test --limit "$limit" --tag "$t-asr"
+    $zipper decode --run-dir "$run_dir" --model "fused/$t" --outputs speech --split test --limit "$limit" --tag "$t-tts"
+  done
+fi
+
+if [ "$stage" -le 6 ] && [ "$stop_stage" -ge 6 ]; then
+  for t in "${tags[@]}"; do
+    echo "== stage 6: eval $t"
+    $zipper eval --run-dir "$run_dir" --decode "$t-asr" --decode "$t-tts" --tag "$t"
+  done
+fi
+
+if [ "$stage" -le 7 ] && [ "$stop_stage" -ge 7 ]; then
+  echo "== stage 7: compare (reference: ${tags[0]}) and write RESULTS.md"
+  $zipper eval --run-dir "$run_dir" --compare "$(IFS=,; echo "${tags[*]}")" --tag paper
+  out="$run_dir/RESULTS.md"
+  if [ "$publish" = 1 ]; then out=recipes/paper/RESULTS.md; fi
+  $python recipes/paper/results.py --run-dir "$run_dir" --compare paper --out "$out" \
+    --command "recipes/paper/run.sh --fractions \"$fractions\" --steps $steps --max-tokens $max_tokens --limit $limit"
+  echo "== results: $out"
+fi
