@@ -246,3 +246,33 @@ def test_padding_never_reaches_an_utterance():
     for w, lp in zip(wavs, batched):
         alone = judge.logits([w])[0]
         assert lp.shape == alone.shape and torch.equal(lp, alone)
+
+
+def test_a_checkpoint_that_does_not_fit_is_one_error_naming_the_file(tmp_path):
+    """A training checkpoint of another model (here: another width) is refused on resume, not a traceback."""
+    from zipper_cli.checkpoint import save_checkpoint
+    from zipper_cli.ctc_judge import CTCModel
+
+    other = CTCModel(tiny(dim=16))
+    state = {"model": other.state_dict(), "optimizer": {}, "step": 2, "epoch": 0, "batch_pos": 1}
+    save_checkpoint(tmp_path / "ckpt", 2, state, dev_loss=None, keep_last=2)
+    with pytest.raises(ZipperError, match=r"ckpt/step-0+2\.pt: checkpoint step 2 does not fit .*size mismatch"):
+        train_ctc_judge(tone_pairs(4, seed=9), [], tiny(steps=4), tmp_path, quiet)
+
+
+def test_a_full_disk_while_appending_metrics_is_one_error(tmp_path, monkeypatch):
+    import builtins
+    import errno
+
+    from zipper_cli import ctc_judge_train
+
+    real_open = builtins.open
+
+    def full(path, *args, **kw):
+        if str(path).endswith("metrics.jsonl") and args and args[0] == "a":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_open(path, *args, **kw)
+
+    monkeypatch.setattr(ctc_judge_train, "open", full, raising=False)  # the module's `open`, not the builtin
+    with pytest.raises(ZipperError, match=r"metrics.jsonl: no space left on device"):
+        train_ctc_judge(tone_pairs(4, seed=9), [], tiny(steps=2), tmp_path, quiet)
