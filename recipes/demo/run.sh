@@ -61,12 +61,16 @@ fi
 if [ "$stage" -le 5 ] && [ "$stop_stage" -ge 5 ]; then
   echo "== stage 5: decode the test split: ASR (speech -> text) and TTS (text -> speech -> WAV)"
   $zipper decode --run-dir "$run_dir" --model fused/demo --outputs text --split test --tag demo-asr
-  $zipper decode --run-dir "$run_dir" --model fused/demo --outputs speech --split test --tag demo-tts
+  # The unit vocoder is trained here on first need; 1500 steps instead of the default 3000 keep the demo
+  # short (the default's resynthesis WER is in README; fewer steps cost some intelligibility).
+  $zipper decode --run-dir "$run_dir" --model fused/demo --outputs speech --split test --tag demo-tts \
+    --vocoder-steps 1500
 fi
 
 if [ "$stage" -le 6 ] && [ "$stop_stage" -ge 6 ]; then
   echo "== stage 6: evaluate"
-  $zipper eval --run-dir "$run_dir" --decode demo-asr --decode demo-tts --tag demo
+  # The CTC judge is trained here on first need (800 steps instead of the default 1600, for time).
+  $zipper eval --run-dir "$run_dir" --decode demo-asr --decode demo-tts --tag demo --judge-steps 800
   echo "== report: $run_dir/eval/demo/report.md; WAVs: $run_dir/decode/demo-tts/wav/"
 fi
 
