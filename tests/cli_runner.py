@@ -106,6 +106,13 @@ def spawn(*args, cwd: Path, env: dict | None = None) -> Child:
     """Start `zipper ARGS` in a forked child and return without waiting."""
     args = [str(a) for a in args]
     cwd = Path(cwd)
+    import torch
+
+    # fork() copies only the calling thread: a child of a process whose OpenMP pool has workers hangs in
+    # its first parallel torch op (seen: torchaudio's window in tokenize). The suite pins one thread
+    # (conftest); a module that raises it at import would break every forked run, so say so here.
+    assert torch.get_num_threads() == 1, (f"cli_runner forks: torch has {torch.get_num_threads()} threads in the "
+                                          "test process; keep OMP_NUM_THREADS=1 (conftest) and no set_num_threads(>1)")
     out_dir = Path(tempfile.mkdtemp(prefix="zipper-cli-"))  # not under cwd: that may be a full disk
     out, err = out_dir / "stdout", out_dir / "stderr"
     sys.stdout.flush()

@@ -8,7 +8,6 @@ from zipper_cli.models.tower import Tower, tower_preset
 from zipper_cli.text_tokenizer import BOS_ID, EOS_ID, PAD_ID
 from zipper_cli.vocab import SPEECH_BOA, SPEECH_EOA, speech_vocab_size
 
-torch.set_num_threads(2)
 
 V_TEXT, N_UNITS = 50, 20
 V_SPEECH = speech_vocab_size(N_UNITS)  # 23

@@ -5,7 +5,6 @@ import torch.nn.functional as F
 from zipper_cli.errors import ZipperError
 from zipper_cli.models import Tower, TowerConfig, tower_preset
 
-torch.set_num_threads(2)
 
 
 def make_tower(seed=0, wide_logits=False, **overrides):

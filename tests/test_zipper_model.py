@@ -6,7 +6,6 @@ from zipper_cli.errors import ZipperError
 from zipper_cli.models.tower import Tower, tower_preset
 from zipper_cli.models.zipper import GatedCrossBlock, Zipper, ZipperConfig, cross_mask
 
-torch.set_num_threads(2)
 
 V_TEXT, V_SPEECH = 97, 40
 
