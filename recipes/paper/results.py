@@ -119,6 +119,14 @@ def main() -> None:
              f"Produced by `{a.command}` on {datetime.now(timezone.utc):%Y-%m-%d} (zipper {rev}, "
              f"{platform.machine()}, {platform.processor() or 'cpu'}). Every number below is measured in this run; "
              "nothing is copied from the paper except the quoted reference values.", ""]
+    budgets = set()
+    for s in result["systems"]:
+        marker = a.run_dir / "stages" / f"fuse-{s}.done.json"
+        if marker.exists():
+            t = json.loads(marker.read_text())["config"]["train"]
+            budgets.add(f"{t['max_steps']} optimizer steps of at most {t['max_tokens']} padded tokens")
+    lines += [f"Compute budget per model: {' / '.join(sorted(budgets)) or '?'} (train time is wall clock on this "
+              "machine, shared with other jobs).", ""]
     lines += ["## Models", "", "| system | arch | frozen | aligned utterances | params | trainable | dev ASR loss "
               "(step 0 -> end) | dev TTS loss (step 0 -> end) | train time |", "|---|---|---|---|---|---|---|---|---|"]
     for s in result["systems"]:
@@ -127,7 +135,9 @@ def main() -> None:
 
         def loss(k):
             return f"{ini[k]:.3f} -> {fin[k]:.3f}" if k in ini and k in fin else "-"
-        secs = st.get("elapsed") or st.get("wall_seconds")
+        metrics = a.run_dir / "fused" / s / "metrics.jsonl"
+        rows = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()] if metrics.exists() else []
+        secs = max((r.get("elapsed", 0) for r in rows), default=0)
         lines.append(f"| {s} | {c.get('arch', '?')} | {c.get('freeze', '?')} | {c.get('aligned_utterances', '?')} | "
                      f"{st.get('params', 0) / 1e6:.2f}M | {st.get('trainable_params', 0) / 1e6:.2f}M | "
                      f"{loss('dev_asr_loss')} | {loss('dev_tts_loss')} | {f'{secs / 60:.1f} min' if secs else '-'} |")
