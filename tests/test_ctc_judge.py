@@ -264,7 +264,7 @@ def test_a_full_disk_while_appending_metrics_is_one_error(tmp_path, monkeypatch)
     import builtins
     import errno
 
-    from zipper_cli import ctc_judge_train
+    from zipper_cli import atomic
 
     real_open = builtins.open
 
@@ -273,6 +273,6 @@ def test_a_full_disk_while_appending_metrics_is_one_error(tmp_path, monkeypatch)
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_open(path, *args, **kw)
 
-    monkeypatch.setattr(ctc_judge_train, "open", full, raising=False)  # the module's `open`, not the builtin
+    monkeypatch.setattr(atomic, "open", full, raising=False)  # append_jsonl's `open`, not the builtin
     with pytest.raises(ZipperError, match=r"metrics.jsonl: no space left on device"):
         train_ctc_judge(tone_pairs(4, seed=9), [], tiny(steps=2), tmp_path, quiet)

@@ -131,6 +131,19 @@ def write_jsonl(path: str | os.PathLike, rows) -> None:
     write_text(path, "".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in rows))
 
 
+def append_jsonl(path: Path, row: dict) -> None:
+    """Append one JSON line (metrics logs). Not atomic: a line cut short by a crash or a full disk is
+    dropped by the reader on resume; a full disk is one error naming the file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+    except OSError as e:
+        if e.errno in DISK_FULL:
+            raise disk_full_error(path) from None
+        raise
+
+
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
     with open(path, encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .atomic import DISK_FULL, atomic_path, disk_full_error, sha256_file, write_json
+from .atomic import append_jsonl, atomic_path, sha256_file, write_json
 from .batching import make_batches
 from .checkpoint import ckpt_name, latest_checkpoint, load_checkpoint, mismatch, save_checkpoint
 from .console import log as console_log, progress
@@ -131,17 +131,6 @@ def _truncate_metrics(path: Path, step: int) -> None:
             continue  # a line cut short by a crash
     with atomic_path(path) as tmp:
         tmp.write_text("".join(r + "\n" for r in keep))
-
-
-def _append(path: Path, row: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        with open(path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(row) + "\n")
-    except OSError as e:  # a line cut short here is dropped on resume (_truncate_metrics)
-        if e.errno in DISK_FULL:
-            raise disk_full_error(path) from None
-        raise
 
 
 class _Stop:
@@ -323,7 +312,7 @@ def train_ctc_judge(pairs: Sequence[tuple[np.ndarray, str]], dev_pairs: Sequence
                     dev_txt = f" dev CER {last_dev['cer']:.3f} WER {last_dev['wer']:.3f}" if last_dev else ""
                     log(f"[ctc-judge] step {step}/{cfg.steps} epoch {epoch} loss {loss_val:.3f}{dev_txt} "
                         f"lr {row['lr']:.2e} {rate:.0f}x real time, eta {eta:.0f}s")
-                _append(metrics_path, row)
+                append_jsonl(metrics_path, row)  # a cut line is dropped on resume (_truncate_metrics)
                 bar.update(task, completed=step, description=f"ctc judge loss {loss_val:.3f}")
                 if step % cfg.ckpt_every == 0 or step == cfg.steps or stop.signum is not None:
                     save()

@@ -28,7 +28,7 @@ from typing import Callable, Sequence
 import torch
 import torch.distributed as dist
 
-from .atomic import DISK_FULL, disk_full_error, kill_point, write_json, write_jsonl
+from .atomic import append_jsonl, kill_point, write_json, write_jsonl
 from .batching import make_batches
 from .checkpoint import latest_checkpoint, save_checkpoint, warn
 from .console import log as console_log, progress
@@ -337,7 +337,7 @@ def train(out_dir: Path, model: torch.nn.Module, train_examples: Sequence, dev_e
                         log(f"step {step}/{cfg.max_steps} loss {loss:.4f}{dev_txt} lr {row['lr']:.2e} "
                             f"{rate:,.0f} tok/s eta {eta:,.0f}s")
                 if d.main:
-                    _append(metrics_path, row)
+                    append_jsonl(metrics_path, row)  # a cut line is dropped on resume (_truncate_metrics)
                     bar.update(task, completed=step, description=f"step {step} loss {loss:.3f} {row['tokens_per_s']:,.0f} tok/s")
                 kill_point(f"step:{step}")
                 stop_now = torch.tensor(float(stop.signum is not None))
@@ -395,17 +395,6 @@ def _save(ckpt_dir, model, opt, step, epoch, batch_pos, dev_loss, cfg, device, d
         save_checkpoint(ckpt_dir, step, state, dev_loss, cfg.keep_last)
     if d.world > 1:
         dist.barrier()
-
-
-def _append(path: Path, row: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        with open(path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(row) + "\n")
-    except OSError as e:  # a line cut short here is dropped on resume (_truncate_metrics)
-        if e.errno in DISK_FULL:
-            raise disk_full_error(path) from None
-        raise
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
