@@ -116,6 +116,6 @@ def test_a_field_added_since_a_stage_finished_matches_at_its_default(tmp_path):
     with open_stage(tmp_path, "s", config_dict(cfg), {}, log=lambda *_: None, defaults=config_defaults(cfg)) as stage:
         assert stage is None  # same work: skipped
     changed = Cfg(steps=5, inner=Inner(new_mult=10.0))
+    refused = open_stage(tmp_path, "s", config_dict(changed), {}, log=lambda *_: None, defaults=config_defaults(changed))
     with pytest.raises(ZipperError, match=r"inner.new_mult: '<unset>' -> 10.0"):
-        with open_stage(tmp_path, "s", config_dict(changed), {}, log=lambda *_: None, defaults=config_defaults(changed)):
-            pass
+        refused.__enter__()  # the refusal comes on entering the stage

@@ -39,6 +39,7 @@ model's raw logits, before the modality mask, for greedy and sampling.
 
 from __future__ import annotations
 
+import abc
 import warnings
 from typing import Optional, Sequence
 
@@ -61,7 +62,7 @@ __all__ = ["MODALITIES", "STRATEGIES", "Generation", "GenerationConfig", "parse_
 # --- adapters ------------------------------------------------------------------------------------------
 
 
-class Generator:
+class Generator(abc.ABC):
     """Shared driver; subclasses define the model's vocabulary layout and its engines."""
 
     modalities: tuple[str, ...] = MODALITIES
@@ -84,19 +85,21 @@ class Generator:
         """Tokens before the input segment (the single decoder's task tag)."""
         return []
 
+    @abc.abstractmethod
     def raw_size(self, m: str) -> int:
         """Number of raw tokens of modality m (text pieces, or speech units)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def max_seq_len(self, tower: str) -> int:
-        raise NotImplementedError
+        """The longest sequence engine tower `tower` takes."""
 
+    @abc.abstractmethod
     def vocab_size(self, tower: str) -> int:
-        raise NotImplementedError
+        """The vocabulary size of engine tower `tower`."""
 
+    @abc.abstractmethod
     def engine(self, use_cache: bool):
         """A generate_cache engine: cached, or the uncached reference."""
-        raise NotImplementedError
 
     @property
     def _weights(self) -> dict:
@@ -209,7 +212,22 @@ class Generator:
             logits=r.logits if r.logits else None)
 
 
-class TowerGenerator(Generator):
+class OneTowerGenerator(Generator):
+    """A model that is one Tower (self.model): a tower alone, or the single decoder."""
+
+    model: Tower
+
+    def max_seq_len(self, tower):
+        return self.model.cfg.max_seq_len
+
+    def vocab_size(self, tower):
+        return self.model.cfg.vocab_size
+
+    def engine(self, use_cache):
+        return gc.TowerCache(self.model, weights=self._weights) if use_cache else gc.TowerFull(self.model)
+
+
+class TowerGenerator(OneTowerGenerator):
     """A pretrained tower alone: continuation of a prompt in its own modality."""
 
     def __init__(self, tower: Tower, modality: str):
@@ -224,15 +242,6 @@ class TowerGenerator(Generator):
 
     def raw_size(self, m):
         return self._raw
-
-    def max_seq_len(self, tower):
-        return self.model.cfg.max_seq_len
-
-    def vocab_size(self, tower):
-        return self.model.cfg.vocab_size
-
-    def engine(self, use_cache):
-        return gc.TowerCache(self.model, weights=self._weights) if use_cache else gc.TowerFull(self.model)
 
 
 class ZipperGenerator(Generator):
@@ -267,7 +276,7 @@ class ZipperGenerator(Generator):
         return gc.ZipperCache(self.model, weights=self._weights) if use_cache else gc.ZipperFull(self.model)
 
 
-class SingleDecoderGenerator(Generator):
+class SingleDecoderGenerator(OneTowerGenerator):
     """The single-decoder baseline: one tower over the joint vocabulary; prompts [<asr>] [boa] units [eoa]
     and [<tts>] [bos] text [eos] as in single_decoder.py (no tag for a continuation)."""
 
@@ -294,12 +303,3 @@ class SingleDecoderGenerator(Generator):
 
     def raw_size(self, m):
         return self.vocab.text_size if m == "text" else self.vocab.speech_size - SPEECH_OFFSET
-
-    def max_seq_len(self, tower):
-        return self.model.cfg.max_seq_len
-
-    def vocab_size(self, tower):
-        return self.model.cfg.vocab_size
-
-    def engine(self, use_cache):
-        return gc.TowerCache(self.model, weights=self._weights) if use_cache else gc.TowerFull(self.model)
