@@ -91,6 +91,21 @@ def load_state(model: torch.nn.Module, path: Path, config: Path | None = None) -
                           "was it copied from another run or written by another zipper version?") from None
 
 
+def restore_training(state: dict, model: torch.nn.Module, opt: torch.optim.Optimizer, step: int, where: Path | str,
+                     what: str, remedy: str, needs: tuple[str, ...] = ()) -> tuple[int, int]:
+    """Load a training checkpoint's model and optimizer state -> (epoch, batch_pos). A checkpoint that does
+    not fit (another size, a newer zipper, a missing key among `needs`) is one error naming `where`."""
+    try:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        for key in needs:
+            state[key]
+        return int(state["epoch"]), int(state["batch_pos"])
+    except (RuntimeError, KeyError, TypeError, ValueError, AttributeError) as e:
+        raise ZipperError(f"{where}: checkpoint step {step} does not fit {what} or this zipper ({mismatch(e)}); "
+                          f"{remedy}") from None
+
+
 def mismatch(e: Exception) -> str:
     """The first specific line of a load_state_dict error, e.g. 'size mismatch for embed.weight: ...'."""
     lines = [x.strip() for x in str(e).splitlines() if x.strip()]

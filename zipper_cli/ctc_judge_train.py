@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from .atomic import append_jsonl, atomic_path, sha256_file, write_json
 from .batching import make_batches
-from .checkpoint import ckpt_name, latest_checkpoint, load_checkpoint, mismatch, save_checkpoint
+from .checkpoint import ckpt_name, latest_checkpoint, load_checkpoint, restore_training, save_checkpoint
 from .console import log as console_log, progress
 from .ctc_judge_model import (BLANK, FORMAT, VOCAB, CTCJudge, CTCJudgeConfig, CTCModel, _pad, features,
                               greedy_decode, ids_to_text, lr_at, param_count, text_to_ids)
@@ -223,14 +223,9 @@ def train_ctc_judge(pairs: Sequence[tuple[np.ndarray, str]], dev_pairs: Sequence
     resumed = latest_checkpoint(ckpt_dir, log=log)
     if resumed is not None:
         step, state = resumed
-        try:
-            model.load_state_dict(state["model"])
-            opt.load_state_dict(state["optimizer"])
-            epoch, batch_pos = int(state["epoch"]), int(state["batch_pos"])
-            trained_seconds = float(state.get("train_seconds", 0.0))
-        except (RuntimeError, KeyError, TypeError, ValueError, AttributeError) as e:
-            raise ZipperError(f"{ckpt_dir / ckpt_name(step)}.pt: checkpoint step {step} does not fit this CTC judge "
-                              f"model or this zipper ({mismatch(e)}); delete {out_dir} to start over") from None
+        epoch, batch_pos = restore_training(state, model, opt, step, f"{ckpt_dir / ckpt_name(step)}.pt",
+                                            "this CTC judge model", f"delete {out_dir} to start over")
+        trained_seconds = float(state.get("train_seconds", 0.0))
         log(f"[ctc-judge] resuming from {ckpt_dir} at step {step}/{cfg.steps}")
     _truncate_metrics(metrics_path, step)  # rows past the checkpoint (or of a run that never saved one)
     log(f"[ctc-judge] model: {cfg.layers} conv blocks x {cfg.dim}, {param_count(model) / 1e6:.2f}M parameters, "

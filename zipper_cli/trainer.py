@@ -30,7 +30,7 @@ import torch.distributed as dist
 
 from .atomic import append_jsonl, kill_point, write_json, write_jsonl
 from .batching import make_batches
-from .checkpoint import latest_checkpoint, save_checkpoint, warn
+from .checkpoint import latest_checkpoint, restore_training, save_checkpoint, warn
 from .console import log as console_log, progress
 from .errors import Interrupted, ZipperError
 from .rundir import diff_keys, init_run_dir, open_stage
@@ -249,16 +249,9 @@ def train(out_dir: Path, model: torch.nn.Module, train_examples: Sequence, dev_e
     resumed = latest_checkpoint(ckpt_dir, log=warn if d.main else (lambda *_: None))
     if resumed is not None:
         step, state = resumed
-        try:
-            model.load_state_dict(state["model"])
-            opt.load_state_dict(state["optimizer"])
-            epoch, batch_pos = int(state["epoch"]), int(state["batch_pos"])
-            rng = state["rng_cpu"]
-        except (RuntimeError, KeyError, TypeError, ValueError, AttributeError) as e:
-            from .checkpoint import mismatch
-
-            raise ZipperError(f"{ckpt_dir}: checkpoint step {step} does not fit this model or this zipper "
-                              f"({mismatch(e)}); rerun with --force to start over") from None
+        epoch, batch_pos = restore_training(state, model, opt, step, ckpt_dir, "this model",
+                                            "rerun with --force to start over", needs=("rng_cpu",))
+        rng = state["rng_cpu"]
         torch.set_rng_state(rng[d.rank % rng.shape[0]] if rng.dim() > 1 else rng)
         if device == "cuda" and "rng_cuda" in state:
             torch.cuda.set_rng_state(state["rng_cuda"])
