@@ -13,6 +13,7 @@ import torch
 from conftest import make_small_manifest
 from zipper_cli.checkpoint import load_checkpoint
 from zipper_cli.errors import ZipperError
+from zipper_cli.shards import load_role
 from zipper_cli.fusion_data import ASR, TTS, Example, make_examples, nested_subset, parse_task_mix, tower_batch
 from zipper_cli.speech_tokenizer import SpeechTokenizerConfig
 from zipper_cli.stages.fuse import FuseConfig, fuse, load_fused
@@ -114,6 +115,19 @@ def test_both_towers_frozen_trains_only_the_fusion_modules(pretrained, tmp_path)
     assert any(g != 0 for k, g in z["final"].items() if k.startswith("gate/"))
 
 
+def test_cross_attention_positions_on_the_data_axis(pretrained, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(pretrained, run)
+    cfg = small_fuse(tag="pos", xattn_pos="auto", xattn_prior=8.0, train=TrainConfig(
+        max_steps=3, lr=3e-3, warmup_steps=1, max_tokens=512, eval_every=3, ckpt_every=3))
+    fuse(run, cfg)
+    model, meta = load_fused(run / "fused" / "pos")
+    utts = [u for u in load_role(run, "aligned") if u["text"] is not None and u["speech"] is not None]
+    ratio = sum(len(u["text"]) + 2 for u in utts) / sum(len(u["speech"]) + 2 for u in utts)
+    assert meta["zipper"]["xattn_pos"] == {"text": 1.0, "speech": pytest.approx(ratio, abs=1e-6)}
+    assert model.cfg.xattn_prior == 8.0 and model.fusion[0]["text<-speech"].offset is not None
+
+
 def test_fuse_errors(pretrained, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(pretrained, run, ignore=shutil.ignore_patterns("pretrain-speech.done.json"))
@@ -123,6 +137,12 @@ def test_fuse_errors(pretrained, tmp_path):
         fuse(run, small_fuse(arch="single-decoder"))
     with pytest.raises(ZipperError, match=r"--freeze must be text, speech, text,speech or none \(got 'both'\)"):
         fuse(run, small_fuse(freeze="both"))
+    with pytest.raises(ZipperError, match=r"--xattn-pos must be auto or none \(got 'on'\)"):
+        fuse(run, small_fuse(xattn_pos="on"))
+    with pytest.raises(ZipperError, match="--xattn-prior needs --xattn-pos"):
+        fuse(run, small_fuse(xattn_prior=8.0))
+    with pytest.raises(ZipperError, match="--xattn-pos and --xattn-prior are Zipper options"):
+        fuse(run, small_fuse(arch="single-decoder", freeze="none", xattn_pos="auto"))
 
 
 def test_aligned_subset_tag_and_resume(pretrained, tmp_path):

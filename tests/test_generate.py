@@ -42,7 +42,7 @@ def randomize(module, std=1.0):
                 p.normal_(0, std if "wte" in name else std / p.shape[1] ** 0.5)
 
 
-def make_zipper(seed=0, dtype=torch.float64):
+def make_zipper(seed=0, dtype=torch.float64, zcfg=None):
     """Tiny towers of different widths/depths, gates open (0.5) so cross-attention matters; end tokens'
     embeddings scaled up so that some outputs end before their maximum length (seed 0: a mix).
     float64 by default: with unit-scale weights, float32 rounding differences between the cached and the
@@ -53,7 +53,7 @@ def make_zipper(seed=0, dtype=torch.float64):
     randomize(text)
     speech = Tower(tower_preset("tiny", V_SPEECH, n_embd=48, n_layer=3)).eval()
     randomize(speech)
-    model = Zipper.from_towers(ZipperConfig(n_cross=2), {"text": text, "speech": speech}).eval()
+    model = Zipper.from_towers(zcfg or ZipperConfig(n_cross=2), {"text": text, "speech": speech}).eval()
     randomize(model.fusion), randomize(model.input_proj)
     with torch.no_grad():
         for blocks in model.fusion:
@@ -145,6 +145,26 @@ def test_zipper_float32_cached_equals_uncached():
     a = gen.generate(inputs, "speech", ["text", "speech"], CFG, return_logits=True)
     b = gen.generate(inputs, "speech", ["text", "speech"], NOCACHE, return_logits=True)
     assert_same(a, b, 2e-4)
+
+
+@pytest.mark.parametrize("task", ["asr", "tts"])
+def test_zipper_with_cross_attention_positions_cached_equals_uncached_and_training(task):
+    """--xattn-pos/--xattn-prior: the cache rotates each key once at its own position and each query at
+    its own; the result is the uncached decode's and the training forward's at every step."""
+    model = make_zipper(zcfg=ZipperConfig(n_cross=2, xattn_pos={"text": 1.0, "speech": 0.37}, xattn_prior=4.0))
+    in_m, out_m = ("speech", "text") if task == "asr" else ("text", "speech")
+    inputs = rand_inputs(in_m, [5, 12, 0, 9])
+    gen = ZipperGenerator(model)
+    a = gen.generate(inputs, in_m, [out_m, in_m], CFG, return_logits=True)
+    assert_same(a, gen.generate(inputs, in_m, [out_m, in_m], NOCACHE, return_logits=True))
+    res = gen.generate(inputs, in_m, [out_m], CFG, return_logits=True)
+    for x, r in zip(inputs, res):
+        out = r.tokens[0]
+        ex = Example(task, *((out, np.asarray(x)) if task == "asr" else (np.asarray(x), out)), "u")
+        with torch.no_grad():
+            full = model({m: tower_batch([ex], m)[:3] for m in ("text", "speech")})[out_m][0]
+        for i, step in enumerate(r.logits):
+            torch.testing.assert_close(step, full[i], atol=1e-5, rtol=0)
 
 
 def test_single_decoder_two_outputs_cached_equals_uncached(single):

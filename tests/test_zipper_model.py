@@ -258,6 +258,8 @@ def test_config_round_trip_and_validation():
     assert d["towers"] == ["text", "speech"] and d["input_proj"] == ["speech"]
     assert ZipperConfig.from_dict(d) == cfg
     assert ZipperConfig.from_dict(ZipperConfig().to_dict()) == ZipperConfig()
+    pos = ZipperConfig(xattn_pos={"text": 1.0, "speech": 0.2}, xattn_prior=8.0)
+    assert ZipperConfig.from_dict(pos.to_dict()) == pos
     with pytest.raises(ZipperError, match="unknown key 'n_heads'"):
         ZipperConfig.from_dict({**d, "n_heads": 3})
     bad = [
@@ -272,6 +274,10 @@ def test_config_round_trip_and_validation():
         (dict(towers=("text",)), "towers"),
         (dict(towers=("text", "text")), "towers"),
         (dict(towers=("a.b", "c")), "tower name"),
+        (dict(xattn_pos={"text": 1.0}), "--xattn-pos needs a scale for every tower"),
+        (dict(xattn_pos={"text": 1.0, "speech": 0.0}), "--xattn-pos: the speech scale"),
+        (dict(xattn_prior=-1.0), "--xattn-prior"),
+        (dict(xattn_prior=4.0), "--xattn-prior needs --xattn-pos"),
     ]
     for kwargs, flag in bad:
         with pytest.raises(ZipperError, match=flag):
@@ -366,3 +372,66 @@ def test_ctc_head_leaves_logits_alone_and_feeds_g_from_the_first_step():
     again = Zipper.from_configs(model.cfg, {n: t.cfg for n, t in model.towers.items()})
     again.load_state_dict(model.state_dict())
     assert ZipperConfig.from_dict(model.cfg.to_dict()).ctc_head is True
+
+
+# --- positions in cross-attention (--xattn-pos, --xattn-prior) ----------------------------------------------
+
+
+POS = {"xattn_pos": {"text": 1.0, "speech": 0.25}, "xattn_prior": 8.0}
+
+
+@torch.no_grad()
+def test_init_with_cross_attention_positions_still_equals_towers_alone():
+    towers = make_towers()
+    model = make_zipper(towers, input_proj=(), **POS)
+    for batch in (asr_batch(), tts_batch()):
+        out = model(batch)
+        for name in ("text", "speech"):
+            assert torch.equal(out[name], towers[name](batch[name][0]))
+
+
+@torch.no_grad()
+def test_prior_starts_cross_attention_on_the_shared_axis_diagonal():
+    """With the learned projections at zero only the prior's offset is left: text query t then scores
+    speech key s highest where s * 0.25 == t, and the score depends on the distance on the shared axis
+    only. Without positions the same block scores every key alike (the paper's position-blind start)."""
+    towers = make_towers()
+    block = make_zipper(towers, **POS).fusion[0]["text<-speech"]
+    for lin in (block.q, block.kv):
+        lin.weight.zero_()
+    x, ctx = torch.randn(1, 6, 64), torch.randn(1, 24, 48)
+    k, _ = block.context_kv(ctx, torch.arange(24))
+    q = block._position(block.q(block.norm(x)).view(1, 6, block.n_head, block.head_dim).transpose(1, 2),
+                        torch.arange(6), 0)
+    scores = (q @ k.transpose(-1, -2))[0] / block.head_dim ** 0.5  # [H, T, S]
+    assert torch.equal(scores.argmax(-1), (4 * torch.arange(6)).expand(block.n_head, 6))
+    torch.testing.assert_close(scores[:, 0, 0], torch.full((block.n_head,), 8.0))  # the prior at distance 0
+    torch.testing.assert_close(scores[:, 1, 4:20], scores[:, 2, 8:24])  # same distances, same scores
+    blind = make_zipper(towers).fusion[0]["text<-speech"]
+    blind.kv.weight.zero_()
+    kb, _ = blind.context_kv(ctx)
+    assert (kb == 0).all()  # no offset, no rotation: every key scores 0 against any query
+
+
+def test_positions_are_required_when_configured():
+    block = make_zipper(**POS).fusion[0]["text<-speech"]
+    with pytest.raises(ValueError, match="pass the tokens' positions"):
+        block.context_kv(torch.randn(1, 3, 48))
+
+
+def test_open_gates_over_zero_branches_start_as_identity_and_learn_from_step_0():
+    """--gate-init: tanh gates open, branch outputs at zero: bitwise the towers alone at step 0, but the
+    output projections get gradient at once (with closed gates, the paper's, they get exactly none)."""
+    towers = make_towers()
+    for gate_init, learns in ((0.5, True), (0.0, False)):
+        model = make_zipper(towers, input_proj=(), gate_init=gate_init)
+        batch = asr_batch()
+        out = model(batch)
+        for name in ("text", "speech"):
+            assert torch.equal(out[name], towers[name](batch[name][0]))
+        block = model.fusion[-1]["text<-speech"]
+        assert block.alpha.item() == gate_init and block.beta.item() == gate_init
+        g_proj, g_down = torch.autograd.grad(out["text"].logsumexp(-1).sum(), (block.proj.weight, block.ffw.proj.weight))
+        assert bool(g_proj.abs().sum() > 0) == learns and bool(g_down.abs().sum() > 0) == learns
+    with pytest.raises(ZipperError, match="--gate-init"):
+        ZipperConfig(gate_init=float("nan")).validate()

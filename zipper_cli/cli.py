@@ -154,6 +154,12 @@ def fuse(
     dropout: float = typer.Option(0.0, help="Dropout in the fusion blocks (zipper) or the whole single decoder."),
     ctc_weight: float = typer.Option(0.0, "--ctc-weight", help="Auxiliary CTC loss on ASR examples (0 = the paper)."),
     gate_lr_mult: float = typer.Option(1.0, "--gate-lr-mult", help="LR multiplier of the tanh gates (start at 0)."),
+    xattn_pos: str = typer.Option("none", "--xattn-pos", help="auto: rotary positions in cross-attention on a "
+                                  "shared time axis (not in the paper); none."),
+    xattn_prior: float = typer.Option(0.0, "--xattn-prior", help="With --xattn-pos auto: start cross-attention "
+                                      "as a soft diagonal of this many logits."),
+    gate_init: float = typer.Option(0.0, "--gate-init", help="0: closed tanh gates (the paper's); else open gates "
+                                    "over zero-initialised branch outputs (still the identity at step 0)."),
     steps: int = Steps, lr: float = Lr, warmup: int = Warmup, grad_clip: float = GradClip, grad_accum: int = GradAccum,
     max_tokens: int = MaxTokens, eval_every: int = EvalEvery, ckpt_every: int = CkptEvery, keep_last: int = KeepLast,
     seed: int = Seed, precision: str = Precision, device: str = Device,
@@ -164,7 +170,8 @@ def fuse(
 
     cfg = FuseConfig(arch=arch, tag=tag, freeze=freeze, aligned_fraction=aligned_fraction, aligned_count=aligned_count,
                      subset_seed=subset_seed, task_mix=task_mix, n_cross=n_cross, input_proj=input_proj,
-                     proj_layers=proj_layers, dropout=dropout, ctc_weight=ctc_weight,
+                     proj_layers=proj_layers, dropout=dropout, ctc_weight=ctc_weight, xattn_pos=xattn_pos,
+                     xattn_prior=xattn_prior, gate_init=gate_init,
                      train=dataclasses.replace(_train_config(steps, lr, warmup, grad_clip, grad_accum, max_tokens,
                                                              eval_every, ckpt_every, keep_last, seed, precision, device),
                                                scalar_lr_mult=gate_lr_mult))

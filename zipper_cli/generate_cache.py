@@ -250,14 +250,14 @@ class ZipperCache(_CachedBase):
                 done[n] = stop
             for y, x in m.pairs:  # write the new tokens' k/v first: the snapshot before round j's updates
                 if x in run and (y, x) in need:
-                    k, v = blocks[pair_key(y, x)].context_kv(h[x])
+                    k, v = blocks[pair_key(y, x)].context_kv(h[x], col[x])  # col: x's positions
                     kc, vc = self.kv[j][(y, x)]
                     idx = col[x][:, None, :, None].expand(-1, kc.shape[1], -1, kc.shape[3])
                     kc.scatter_(2, idx, k.to(kc.dtype))
                     vc.scatter_(2, idx, v.to(vc.dtype))
             for x, y in active:
                 kc, vc = self.kv[j][(x, y)]
-                h[x] = blocks[pair_key(x, y)].attend(h[x], kc, vc, xmask[(x, y)])
+                h[x] = blocks[pair_key(x, y)].attend(h[x], kc, vc, xmask[(x, y)], col[x])
         logits = {}
         for n in run:
             for w in self.w[n].blocks[done[n]:]:

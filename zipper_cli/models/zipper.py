@@ -26,9 +26,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from zipper_cli.errors import ZipperError
-from zipper_cli.models.tower import RMSNorm, SwiGLU, Tower, TowerConfig
+from zipper_cli.models.tower import RMSNorm, SwiGLU, Tower, TowerConfig, apply_rope
 
 DEFAULT_N_CROSS = 4
+# Rotary base of the cross-attention's shared time axis (xattn_pos), in units of the first tower's
+# tokens: frequencies from 1 to ~1/100 per token keep distances up to about 100 text tokens apart.
+XATTN_ROPE_BASE = 100.0
 
 
 @dataclass
@@ -56,6 +59,24 @@ class ZipperConfig:
     An auxiliary training loss only (hybrid CTC/attention, Watanabe et al. 2017): it gives g an aligned
     target from the first step, where the gated cross-attention alone starts from no signal. Not in the
     paper; unused in decoding."""
+    xattn_pos: Optional[dict[str, float]] = None
+    """--xattn-pos: rotary positions inside cross-attention (not in the paper). Per tower, the factor that
+    maps its token positions onto one shared time axis (fuse's `auto`: 1 for the first tower, the ratio of
+    mean sequence lengths in the aligned data for the others), so a query and a key rotate by their
+    distance on that axis. Without it the cross-attention is position-blind: the towers' own rotary
+    positions stay inside their self-attention, so a text query cannot ask for "the speech near where I
+    am". None = off (the paper's formulation as we read it)."""
+    xattn_prior: float = 0.0
+    """--xattn-prior: with xattn_pos, start each cross-attention as a soft diagonal on the shared axis: a
+    learned offset (one vector per block, added to both queries and keys) whose position-only score is
+    this many logits at distance 0 and falls with distance. 0 = no offset."""
+    gate_init: float = 0.0
+    """--gate-init: initial value of the tanh gates' parameters. 0 is the paper's (Flamingo's) closed gate:
+    the fusion weights then get no gradient until a gate moves, and a gate only moves consistently once
+    its branch carries something useful. Any other value opens the gates at tanh(gate_init) and starts
+    each branch's output projection (cross-attention out, FFW down) at zero instead, so fusion still
+    starts as the identity, exactly, while those projections learn from the first step (the zero-init
+    last layer of ControlNet and LoRA)."""
 
     def validate(self) -> "ZipperConfig":
         """Raise ZipperError naming the CLI flag of the first bad field; return self so calls chain."""
@@ -86,6 +107,19 @@ class ZipperConfig:
             raise ZipperError(f"--xattn-heads ({self.xattn_heads!r}) must be a positive integer")
         if not 0.0 <= self.dropout < 1.0:
             raise ZipperError(f"--dropout ({self.dropout}) must be in [0, 1)")
+        if self.xattn_pos is not None:
+            if set(self.xattn_pos) != set(names):
+                raise ZipperError(f"--xattn-pos needs a scale for every tower ({', '.join(names)}), "
+                                  f"got {', '.join(self.xattn_pos) or 'none'}")
+            for n, v in self.xattn_pos.items():
+                if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < float("inf"):
+                    raise ZipperError(f"--xattn-pos: the {n} scale ({v!r}) must be a positive number")
+        if not (isinstance(self.xattn_prior, (int, float)) and 0 <= self.xattn_prior < float("inf")):
+            raise ZipperError(f"--xattn-prior ({self.xattn_prior!r}) must be >= 0")
+        if not (isinstance(self.gate_init, (int, float)) and -float("inf") < self.gate_init < float("inf")):
+            raise ZipperError(f"--gate-init ({self.gate_init!r}) must be a finite number")
+        if self.xattn_prior > 0 and self.xattn_pos is None:
+            raise ZipperError("--xattn-prior needs --xattn-pos (the prior is a diagonal on the shared time axis)")
         return self
 
     def cross_points(self, n_layers: dict[str, int]) -> dict[str, list[int]]:
@@ -121,8 +155,9 @@ class ZipperConfig:
         for key in ("towers", "input_proj"):
             if key in d:
                 d[key] = tuple(d[key])
-        if d.get("cross_every") is not None:
-            d["cross_every"] = dict(d["cross_every"])
+        for key in ("cross_every", "xattn_pos"):
+            if d.get(key) is not None:
+                d[key] = dict(d[key])
         return cls(**d).validate()
 
 
@@ -158,11 +193,13 @@ class GatedCrossBlock(nn.Module):
     """Tower X attends to tower Y at one cross point (Flamingo / torchtune style):
         x = x + tanh(alpha) * XAttn(norm(x), norm_ctx(g(ctx)))
         x = x + tanh(beta)  * FFW(norm_ffw(x))
-    g maps Y's width to X's width. No rotary: Y's own tower has already encoded position into ctx.
+    g maps Y's width to X's width. By default no positions (the paper's block); with xattn_pos, rotary
+    positions of both sides on a shared time axis, and optionally a diagonal prior (see ZipperConfig).
     Split into context_kv (depends on the context only, position-wise, so a decoding cache can compute it
     once and extend it) and attend (the query side)."""
 
-    def __init__(self, cfg_x: TowerConfig, cfg_y: TowerConfig, n_head: int, proj_layers: int, dropout: float):
+    def __init__(self, cfg_x: TowerConfig, cfg_y: TowerConfig, n_head: int, proj_layers: int, dropout: float,
+                 pos_scale: Optional[tuple[float, float]] = None, prior: float = 0.0):
         super().__init__()
         C = cfg_x.n_embd
         if C % n_head:
@@ -181,19 +218,46 @@ class GatedCrossBlock(nn.Module):
         # Scalar gates (0-dim, so weight decay on matrices skips them); tanh(0) = 0: identity at init.
         self.alpha = nn.Parameter(torch.zeros(()))
         self.beta = nn.Parameter(torch.zeros(()))
+        # Optional rotary positions on the shared time axis (ZipperConfig.xattn_pos): (scale of X's
+        # positions, scale of Y's), and the diagonal prior's offset, added to queries and keys alike.
+        self.pos_scale = pos_scale
+        if pos_scale is not None:
+            hd = self.head_dim
+            inv_freq = 1.0 / (XATTN_ROPE_BASE ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd))
+            self.register_buffer("inv_freq", inv_freq, persistent=False)  # derived, not checkpointed
+        self.offset = None
+        if prior > 0:
+            # Position-only score at distance 0 = hd * c^2 / sqrt(hd) = prior; it falls with distance as
+            # the rotations decorrelate (a soft diagonal), and the offset is learned from there.
+            self.offset = nn.Parameter(torch.full((C,), (prior / self.head_dim ** 0.5) ** 0.5))
 
-    def context_kv(self, ctx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """ctx [B, S, C_y] (Y's hidden states) -> k, v [B, H, S, hd]. Position-wise: the k, v of a grown
-        context are those of the old one concatenated with those of the new positions."""
+    def _position(self, t: torch.Tensor, pos: Optional[torch.Tensor], side: int) -> torch.Tensor:
+        """t [B, H, L, hd] (queries: side 0, keys: side 1); pos [L] or [B, L], the tokens' positions in
+        their own tower -> t plus the prior's offset, rotated by the position on the shared axis."""
+        if self.offset is not None:
+            t = t + self.offset.view(1, self.n_head, 1, self.head_dim).to(t.dtype)
+        if self.pos_scale is None:
+            return t
+        if pos is None:
+            raise ValueError("this cross-attention uses positions (xattn_pos): pass the tokens' positions")
+        angle = (pos.float() * self.pos_scale[side])[..., None] * self.inv_freq  # [B|., L, hd/2]
+        return apply_rope(t, angle.cos().unsqueeze(-3), angle.sin().unsqueeze(-3))
+
+    def context_kv(self, ctx: torch.Tensor, pos: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """ctx [B, S, C_y] (Y's hidden states), pos [S] or [B, S] (their positions in Y, needed with
+        xattn_pos) -> k, v [B, H, S, hd]. Position-wise: the k, v of a grown context are those of the old
+        one concatenated with those of the new positions."""
         B, S, _ = ctx.shape
         k, v = self.kv(self.norm_ctx(self.g(ctx))).split(self.n_head * self.head_dim, dim=-1)
         k = k.view(B, S, self.n_head, self.head_dim).transpose(1, 2)  # [B, H, S, hd]
         v = v.view(B, S, self.n_head, self.head_dim).transpose(1, 2)
-        return k, v
+        return self._position(k, pos, 1), v
 
-    def attend(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """x [B, T, C] (X's residual stream), k, v from context_kv, mask bool [B, T, S] (True = may attend)
-        -> the updated x [B, T, C]: both gated branches, zero for rows whose mask is all False."""
+    def attend(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+               pos: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x [B, T, C] (X's residual stream), k, v from context_kv, mask bool [B, T, S] (True = may attend),
+        pos [T] or [B, T] (x's positions in X, needed with xattn_pos) -> the updated x [B, T, C]: both gated
+        branches, zero for rows whose mask is all False."""
         B, T, C = x.shape
         keep = mask.any(dim=-1, keepdim=True)  # [B, T, 1]: rows with at least one key
         # An all-False row would make softmax 0/0 = NaN (forward and backward). Such rows attend to every
@@ -201,6 +265,7 @@ class GatedCrossBlock(nn.Module):
         # gradient through them exactly 0. Cheaper than a dummy key slot, same effect.
         attn_mask = (mask | ~keep).unsqueeze(1)  # [B, 1, T, S], broadcast over heads
         q = self.q(self.norm(x)).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # [B, H, T, hd]
+        q = self._position(q, pos, 0)
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0
         )
@@ -212,7 +277,9 @@ class GatedCrossBlock(nn.Module):
         return x + torch.tanh(self.beta) * self.ffw(self.norm_ffw(x)) * keep
 
     def forward(self, x: torch.Tensor, ctx: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return self.attend(x, *self.context_kv(ctx), mask)
+        """Training use: positions are each tower's 0..T-1."""
+        pos_x, pos_y = (torch.arange(t.shape[1], device=t.device) for t in (x, ctx))
+        return self.attend(x, *self.context_kv(ctx, pos_y), mask, pos_x)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -240,7 +307,9 @@ class Zipper(nn.Module):
         self.fusion = nn.ModuleList(  # fusion[j][pair_key(x, y)]: x attends to y at cross point j
             nn.ModuleDict({
                 pair_key(x, y): GatedCrossBlock(tcfg[x], tcfg[y], cfg.xattn_heads or tcfg[x].n_head,
-                                                cfg.proj_layers, cfg.dropout)
+                                                cfg.proj_layers, cfg.dropout,
+                                                (cfg.xattn_pos[x], cfg.xattn_pos[y]) if cfg.xattn_pos else None,
+                                                cfg.xattn_prior)
                 for x, y in self.pairs
             })
             for _ in range(len(self.points[names[0]]))
@@ -276,8 +345,11 @@ class Zipper(nn.Module):
                     nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
         for blocks in self.fusion:
             for b in blocks.values():
-                nn.init.zeros_(b.alpha)
-                nn.init.zeros_(b.beta)
+                nn.init.constant_(b.alpha, self.cfg.gate_init)
+                nn.init.constant_(b.beta, self.cfg.gate_init)
+                if self.cfg.gate_init != 0:  # open gates: the branches start at zero instead
+                    nn.init.zeros_(b.proj.weight)
+                    nn.init.zeros_(b.ffw.proj.weight)
 
     # --- training forward ---------------------------------------------------------------------------
 

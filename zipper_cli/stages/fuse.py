@@ -66,6 +66,13 @@ class FuseConfig:
     ctc_weight: float = 0.0
     """--ctc-weight: weight of an auxiliary CTC loss on ASR examples (zipper only; 0 = the paper's
     training). Adds a CTC head that reads the speech tower through the last text<-speech projection g."""
+    xattn_pos: str = "none"
+    """--xattn-pos: auto (rotary positions inside cross-attention, speech positions scaled onto the text
+    axis by the aligned data's mean length ratio) or none (the paper's position-blind cross-attention)."""
+    xattn_prior: float = 0.0
+    """--xattn-prior: with --xattn-pos auto, start cross-attention as a soft diagonal of this many logits."""
+    gate_init: float = 0.0
+    """--gate-init: 0 = closed tanh gates (the paper's); else open gates over zero-initialised branch outputs."""
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def validate(self) -> None:
@@ -80,9 +87,15 @@ class FuseConfig:
             raise ZipperError(f"--ctc-weight must be >= 0 (got {self.ctc_weight})")
         if self.ctc_weight > 0 and self.arch != "zipper":
             raise ZipperError("--ctc-weight is a Zipper option (the CTC head reads the speech tower)")
+        if self.xattn_pos not in ("auto", "none"):
+            raise ZipperError(f"--xattn-pos must be auto or none (got {self.xattn_pos!r})")
+        if self.arch != "zipper" and (self.xattn_pos != "none" or self.xattn_prior):
+            raise ZipperError("--xattn-pos and --xattn-prior are Zipper options (they shape its cross-attention)")
+        if self.arch != "zipper" and self.gate_init:
+            raise ZipperError("--gate-init is a Zipper option (the single decoder has no gates)")
         parse_task_mix(self.task_mix)
         self.train.validate()
-        self.zipper_config().validate()
+        self.zipper_config(pos_scale={"text": 1.0, "speech": 1.0} if self.xattn_pos == "auto" else None).validate()
 
     def frozen(self) -> list[str]:
         """The towers --freeze names, in tower order."""
@@ -93,11 +106,13 @@ class FuseConfig:
             raise ZipperError(f"--freeze must be text, speech, text,speech or none (got {self.freeze!r})")
         return [n for n in ("text", "speech") if n in names]
 
-    def zipper_config(self, max_cross: int = 4) -> ZipperConfig:
-        """The fusion config; without --n-cross, 4 cross-attention points (fewer for shallower towers)."""
+    def zipper_config(self, max_cross: int = 4, pos_scale: Optional[dict[str, float]] = None) -> ZipperConfig:
+        """The fusion config; without --n-cross, 4 cross-attention points (fewer for shallower towers).
+        pos_scale: the towers' shared-axis scales when --xattn-pos is auto (measured on the data)."""
         proj = () if self.input_proj in ("none", "") else tuple(x.strip() for x in self.input_proj.split(","))
         return ZipperConfig(n_cross=self.n_cross or min(4, max_cross), input_proj=proj, proj_layers=self.proj_layers,
-                            dropout=self.dropout, ctc_head=self.ctc_weight > 0)
+                            dropout=self.dropout, ctc_head=self.ctc_weight > 0, xattn_pos=pos_scale,
+                            xattn_prior=self.xattn_prior, gate_init=self.gate_init)
 
     def resolved_tag(self) -> str:
         if self.tag:
@@ -208,6 +223,14 @@ def _aligned_utts(run_dir: Path, role: str, marker: dict) -> list[dict]:
     return [u for u in utts if u["text"] is not None and u["speech"] is not None]
 
 
+def shared_axis(utts: list[dict]) -> dict[str, float]:
+    """--xattn-pos auto: text positions as they are, speech positions times mean text length / mean speech
+    length ([begin] ... [end] sequences), so an utterance spans about the same stretch in both towers."""
+    text = sum(len(u["text"]) + 2 for u in utts)
+    speech = sum(len(u["speech"]) + 2 for u in utts)
+    return {"text": 1.0, "speech": round(text / speech, 6)}
+
+
 def fuse(run_dir: Path, cfg: FuseConfig, force: bool = False) -> dict | None:
     cfg.validate()
     run_dir = Path(run_dir)
@@ -233,6 +256,8 @@ def _fuse(run_dir: Path, cfg: FuseConfig, tag: str, out: Path, tok: dict, stage,
     aligned = _aligned_utts(run_dir, "aligned", tok)
     keep = set(nested_subset([u["id"] for u in aligned], cfg.subset_seed, cfg.aligned_fraction, cfg.aligned_count))
     n_pool = len(aligned)
+    # Measured on the whole aligned pool: the same axis for every --aligned-fraction.
+    pos_scale = shared_axis(aligned) if cfg.xattn_pos == "auto" else None
     aligned = [u for u in aligned if u["id"] in keep]
     dev = _aligned_utts(run_dir, "dev", tok)
     mix = parse_task_mix(cfg.task_mix)
@@ -244,7 +269,7 @@ def _fuse(run_dir: Path, cfg: FuseConfig, tag: str, out: Path, tok: dict, stage,
     if cfg.arch == "zipper":
         speech_tower, _ = load_tower(tower_dir(run_dir, "speech"))
         depth = min(text_tower.cfg.n_layer, speech_tower.cfg.n_layer)
-        model = Zipper.from_towers(cfg.zipper_config(depth), {"text": text_tower, "speech": speech_tower})
+        model = Zipper.from_towers(cfg.zipper_config(depth, pos_scale), {"text": text_tower, "speech": speech_tower})
         model.freeze(cfg.frozen())
         loss_fn = ZipperLoss(cfg.ctc_weight)
         meta = {"arch": "zipper", "zipper": model.cfg.to_dict(),
