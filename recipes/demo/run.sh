@@ -14,7 +14,7 @@ stage=1
 stop_stage=100
 run_dir=runs/demo
 workers=2
-fuse_steps=600
+fuse_steps=1000
 while [ $# -gt 0 ]; do
   case "$1" in
     --stage) stage=$2; shift 2 ;;
@@ -50,11 +50,15 @@ fi
 if [ "$stage" -le 4 ] && [ "$stop_stage" -ge 4 ]; then
   echo "== stage 4: zip the towers (text frozen, speech trained) on the aligned role"
   # Short-run choices (see README): no input projections, so the frozen text tower starts from its
-  # pretrained behaviour; a larger learning rate for the zero-initialised gates; the paper's 5e-4 for an
-  # unfrozen speech tower; small batches (more updates per minute); dropout against memorising the
-  # aligned set; an auxiliary CTC loss that gives the cross-attention's projection a signal from step 1.
-  $zipper fuse --run-dir "$run_dir" --arch zipper --freeze text --input-proj none --gate-lr-mult 10 \
-    --ctc-weight 0.3 --dropout 0.1 --tag demo --steps "$fuse_steps" --lr 5e-4 --warmup 50 --max-tokens 2048 \
+  # pretrained behaviour; rotary positions in the cross-attention on a shared text/speech time axis,
+  # started as a soft diagonal (--xattn-pos, --xattn-prior); gates open over zero-initialised branch
+  # outputs, so the fusion learns from step 1 yet starts as the identity (--gate-init); a larger
+  # learning rate for the gates; small batches (more updates per minute); dropout against memorising
+  # the aligned set; an auxiliary CTC loss on the speech tower. None of these is in the paper: without
+  # them the fusion learns nothing in a CPU budget (README, "Why the demo fuses differently").
+  $zipper fuse --run-dir "$run_dir" --arch zipper --freeze text --input-proj none --xattn-pos auto \
+    --xattn-prior 8 --gate-init 0.5 --gate-lr-mult 10 --ctc-weight 0.3 --dropout 0.1 --tag demo \
+    --steps "$fuse_steps" --lr 1e-3 --warmup 50 --max-tokens 2048 \
     --eval-every 100 --ckpt-every 100
 fi
 

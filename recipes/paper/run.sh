@@ -7,11 +7,13 @@
 # recipes/paper/ with --publish.
 #
 #   recipes/paper/run.sh [--stage N] [--stop-stage M] [--run-dir DIR] [--fractions "1 0.3 0.1 0.03"]
-#                        [--steps S] [--max-tokens T] [--limit N] [--publish]
+#                        [--steps S] [--max-tokens T] [--limit N] [--aligned-xattn] [--publish]
 #
 # Stages: 1-3 the demo recipe's tokenize and pretraining (shared by every model), 4 fuse every
 # (model, fraction), 5 decode, 6 eval each model, 7 compare and write RESULTS.md.
 # The budget is the same for every model: --steps optimizer steps of at most --max-tokens padded tokens.
+# --aligned-xattn gives both Zipper models the demo recipe's cross-attention (positions on a shared time
+# axis, a diagonal start, open gates over zero-initialised branches; not in the paper, see README).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -23,6 +25,7 @@ steps=600
 max_tokens=2048
 limit=200
 publish=0
+aligned_xattn=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --stage) stage=$2; shift 2 ;;
@@ -33,8 +36,9 @@ while [ $# -gt 0 ]; do
     --max-tokens) max_tokens=$2; shift 2 ;;
     --limit) limit=$2; shift 2 ;;
     --publish) publish=1; shift ;;
+    --aligned-xattn) aligned_xattn=1; shift ;;
     *) echo "recipes/paper/run.sh: unknown option $1 (options: --stage N --stop-stage M --run-dir DIR" \
-            "--fractions LIST --steps S --max-tokens T --limit N --publish)" >&2; exit 2 ;;
+            "--fractions LIST --steps S --max-tokens T --limit N --aligned-xattn --publish)" >&2; exit 2 ;;
   esac
 done
 
@@ -45,9 +49,11 @@ python=.venv/bin/python
 
 # model name -> fuse options. Zipper runs keep the text tower frozen (as in the paper); the learning
 # rates are the paper's choices for each condition scaled to this budget (see recipes/paper/README.md).
+zip_opts="--arch zipper --input-proj none --gate-lr-mult 10 --lr 1e-3 --dropout 0.1"
+[ "$aligned_xattn" = 1 ] && zip_opts="$zip_opts --xattn-pos auto --xattn-prior 8 --gate-init 0.5"
 declare -A fuse_opts=(
-  [zipper-unfrozen]="--arch zipper --freeze text --input-proj none --gate-lr-mult 10 --lr 1e-3 --dropout 0.1"
-  [zipper-frozen]="--arch zipper --freeze text,speech --input-proj none --gate-lr-mult 10 --lr 1e-3 --dropout 0.1"
+  [zipper-unfrozen]="$zip_opts --freeze text"
+  [zipper-frozen]="$zip_opts --freeze text,speech"
   [single-decoder]="--arch single-decoder --freeze none --lr 1e-3"
 )
 models="zipper-unfrozen zipper-frozen single-decoder"
@@ -92,6 +98,6 @@ if [ "$stage" -le 7 ] && [ "$stop_stage" -ge 7 ]; then
   out="$run_dir/RESULTS.md"
   if [ "$publish" = 1 ]; then out=recipes/paper/RESULTS.md; fi
   $python recipes/paper/results.py --run-dir "$run_dir" --compare paper --out "$out" \
-    --command "recipes/paper/run.sh --fractions \"$fractions\" --steps $steps --max-tokens $max_tokens --limit $limit"
+    --command "recipes/paper/run.sh --fractions \"$fractions\" --steps $steps --max-tokens $max_tokens --limit $limit$([ "$aligned_xattn" = 1 ] && echo " --aligned-xattn")"
   echo "== results: $out"
 fi
