@@ -153,10 +153,14 @@ class RMSNorm(nn.Module):
         return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
 
 
+def rope_inv_freq(head_dim: int, base: float) -> torch.Tensor:
+    """The rotary frequencies [head_dim // 2], base^(-2i / head_dim)."""
+    return 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+
+
 def rope_tables(head_dim: int, max_seq_len: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin of shape [max_seq_len, head_dim // 2]."""
-    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
-    freqs = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), inv_freq)
+    freqs = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), rope_inv_freq(head_dim, base))
     return freqs.cos(), freqs.sin()
 
 

@@ -25,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from zipper_cli.errors import ZipperError
-from zipper_cli.models.tower import RMSNorm, SwiGLU, Tower, TowerConfig, apply_rope
+from zipper_cli.models.tower import RMSNorm, SwiGLU, Tower, TowerConfig, apply_rope, rope_inv_freq
 from zipper_cli.models.zipper_config import ZipperConfig
 
 # Rotary base of the cross-attention's shared time axis (xattn_pos), in units of the first tower's
@@ -90,8 +90,7 @@ class GatedCrossBlock(nn.Module):
         # positions, scale of Y's), and the diagonal prior's offset, added to queries and keys alike.
         self.pos_scale = pos_scale
         if pos_scale is not None:
-            hd = self.head_dim
-            inv_freq = 1.0 / (XATTN_ROPE_BASE ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd))
+            inv_freq = rope_inv_freq(self.head_dim, XATTN_ROPE_BASE)
             self.register_buffer("inv_freq", inv_freq, persistent=False)  # derived, not checkpointed
         self.offset = None
         if prior > 0:
