@@ -94,14 +94,16 @@ def _apply(plan: Plan, gen: "Generator", r: Row, tok: int, lp: float) -> None:
 def _masked(gen: "Generator", plan: Plan, rows: list[Row], logits: torch.Tensor, cfg) -> torch.Tensor:
     """Raw logits [R, V] of rows in the same modality -> float logits with disallowed ids at -inf."""
     m = plan.segs[rows[0].k]
-    x = logits.float().masked_fill(~gen._masks[m], float("-inf"))
+    bias, bias_noend = gen._bias[m]
     if cfg.min_new_tokens:
         noend = [i for i, r in enumerate(rows) if r.count < min(cfg.min_new_tokens, r.limits[r.k])]
         if len(noend) == len(rows):
-            x[:, gen.begin_end(m)[1]] = float("-inf")
-        elif noend:
+            return logits.float() + bias_noend
+        if noend:
+            x = logits.float() + bias
             x[noend, gen.begin_end(m)[1]] = float("-inf")
-    return x
+            return x
+    return logits.float() + bias
 
 
 def _groups(plan: Plan, rows: list[Row], last: list) -> dict[str, list[int]]:
