@@ -143,6 +143,10 @@ def test_fuse_errors(pretrained, tmp_path):
         fuse(run, small_fuse(xattn_prior=8.0))
     with pytest.raises(ZipperError, match="--xattn-pos and --xattn-prior are Zipper options"):
         fuse(run, small_fuse(arch="single-decoder", freeze="none", xattn_pos="auto"))
+    with pytest.raises(ZipperError, match=r"--tower-lr-mult is a Zipper option \(the single decoder is one network: use --lr\)"):
+        fuse(run, small_fuse(arch="single-decoder", freeze="none", train=TrainConfig(tower_lr_mult=0.1)))
+    with pytest.raises(ZipperError, match=r"--tower-lr-mult must be > 0 \(got 0.0\)"):
+        fuse(run, small_fuse(train=TrainConfig(tower_lr_mult=0.0)))
 
 
 def test_aligned_subset_tag_and_resume(pretrained, tmp_path):

@@ -235,6 +235,27 @@ def test_frozen_tower_unchanged_and_unimodal_bitwise_after_training():
         assert not torch.equal(model.towers["speech"].wte.weight, towers["speech"].wte.weight)
 
 
+def test_optimizer_groups_tower_lr_mult_and_gates():
+    from zipper_cli.trainer import optimizer_groups
+
+    model = make_zipper(make_towers())
+    model.freeze(["text"])
+    groups = optimizer_groups(model, weight_decay=0.1, scalar_lr_mult=10.0, tower_lr_mult=0.1)
+    mult = {id(p): (g["lr_mult"], g["weight_decay"]) for g in groups for p in g["params"]}
+    assert len(mult) == sum(len(g["params"]) for g in groups)  # each parameter in one group
+    assert not {id(p) for p in model.towers["text"].parameters()} & set(mult)  # frozen: not handed over
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        lr_mult, decay = mult[id(p)]
+        assert lr_mult == pytest.approx((0.1 if name.startswith("towers.speech.") else 1.0)
+                                        * (10.0 if p.dim() == 0 else 1.0)), name
+        assert decay == (0.1 if p.dim() >= 2 else 0.0), name
+    # A plain tower (pretraining) has no towers: the multiplier does not apply
+    tower = make_towers()["speech"]
+    assert {g["lr_mult"] for g in optimizer_groups(tower, 0.1, 10.0, tower_lr_mult=0.1)} == {1.0}
+
+
 def test_freeze_sets_exactly_the_named_towers_and_share():
     towers = make_towers()
     model = Zipper.from_towers(ZipperConfig(n_cross=1), towers, share=True)

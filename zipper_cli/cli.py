@@ -154,6 +154,8 @@ def fuse(
     dropout: float = typer.Option(0.0, help="Dropout in the fusion blocks (zipper) or the whole single decoder."),
     ctc_weight: float = typer.Option(0.0, "--ctc-weight", help="Auxiliary CTC loss on ASR examples (0 = the paper)."),
     gate_lr_mult: float = typer.Option(1.0, "--gate-lr-mult", help="LR multiplier of the tanh gates (start at 0)."),
+    tower_lr_mult: float = typer.Option(1.0, "--tower-lr-mult", help="LR multiplier of the towers' own trained "
+                                        "parameters (zipper; the fusion modules keep --lr)."),
     xattn_pos: str = typer.Option("none", "--xattn-pos", help="auto: rotary positions in cross-attention on a "
                                   "shared time axis (not in the paper); none."),
     xattn_prior: float = typer.Option(0.0, "--xattn-prior", help="With --xattn-pos auto: start cross-attention "
@@ -174,7 +176,7 @@ def fuse(
                      xattn_prior=xattn_prior, gate_init=gate_init,
                      train=dataclasses.replace(_train_config(steps, lr, warmup, grad_clip, grad_accum, max_tokens,
                                                              eval_every, ckpt_every, keep_last, seed, precision, device),
-                                               scalar_lr_mult=gate_lr_mult))
+                                               scalar_lr_mult=gate_lr_mult, tower_lr_mult=tower_lr_mult))
     run(run_dir, cfg, force=force)
 
 

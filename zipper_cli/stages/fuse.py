@@ -93,6 +93,8 @@ class FuseConfig:
             raise ZipperError("--xattn-pos and --xattn-prior are Zipper options (they shape its cross-attention)")
         if self.arch != "zipper" and self.gate_init:
             raise ZipperError("--gate-init is a Zipper option (the single decoder has no gates)")
+        if self.arch != "zipper" and self.train.tower_lr_mult != 1.0:
+            raise ZipperError("--tower-lr-mult is a Zipper option (the single decoder is one network: use --lr)")
         parse_task_mix(self.task_mix)
         self.train.validate()
         self.zipper_config(pos_scale={"text": 1.0, "speech": 1.0} if self.xattn_pos == "auto" else None).validate()
