@@ -128,6 +128,17 @@ def test_cross_attention_positions_on_the_data_axis(pretrained, tmp_path):
     assert model.cfg.xattn_prior == 8.0 and model.fusion[0]["text<-speech"].offset is not None
 
 
+def test_learned_clock_trains_and_is_recorded(pretrained, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(pretrained, run)
+    cfg = small_fuse(tag="clock", xattn_pos="learned", xattn_prior=8.0, gate_init=0.5, train=TrainConfig(
+        max_steps=3, lr=3e-3, warmup_steps=1, max_tokens=512, eval_every=3, ckpt_every=3))
+    fuse(run, cfg)
+    model, meta = load_fused(run / "fused" / "clock")
+    assert meta["zipper"]["xattn_clock"] is True and set(meta["zipper"]["xattn_pos"]) == {"text", "speech"}
+    assert model.clock["speech"].weight.abs().sum() > 0  # trained from zero
+
+
 def test_fuse_errors(pretrained, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(pretrained, run, ignore=shutil.ignore_patterns("pretrain-speech.done.json"))
@@ -137,7 +148,7 @@ def test_fuse_errors(pretrained, tmp_path):
         fuse(run, small_fuse(arch="single-decoder"))
     with pytest.raises(ZipperError, match=r"--freeze must be text, speech, text,speech or none \(got 'both'\)"):
         fuse(run, small_fuse(freeze="both"))
-    with pytest.raises(ZipperError, match=r"--xattn-pos must be auto or none \(got 'on'\)"):
+    with pytest.raises(ZipperError, match=r"--xattn-pos must be auto, learned or none \(got 'on'\)"):
         fuse(run, small_fuse(xattn_pos="on"))
     with pytest.raises(ZipperError, match="--xattn-prior needs --xattn-pos"):
         fuse(run, small_fuse(xattn_prior=8.0))

@@ -147,11 +147,17 @@ def test_zipper_float32_cached_equals_uncached():
     assert_same(a, b, 2e-4)
 
 
+@pytest.mark.parametrize("clock", [False, True])
 @pytest.mark.parametrize("task", ["asr", "tts"])
-def test_zipper_with_cross_attention_positions_cached_equals_uncached_and_training(task):
-    """--xattn-pos/--xattn-prior: the cache rotates each key once at its own position and each query at
-    its own; the result is the uncached decode's and the training forward's at every step."""
-    model = make_zipper(zcfg=ZipperConfig(n_cross=2, xattn_pos={"text": 1.0, "speech": 0.37}, xattn_prior=4.0))
+def test_zipper_with_cross_attention_positions_cached_equals_uncached_and_training(task, clock):
+    """--xattn-pos auto|learned, --xattn-prior: the cache rotates each key once at its own position and
+    each query at its own (a learned clock carried from step to step); the result is the uncached
+    decode's and the training forward's at every step."""
+    model = make_zipper(zcfg=ZipperConfig(n_cross=2, xattn_pos={"text": 1.0, "speech": 0.37}, xattn_prior=4.0,
+                                          xattn_clock=clock))
+    if clock:  # content-dependent rates (the clock starts constant)
+        with torch.no_grad():
+            model.clock["speech"].weight.normal_(0, 0.5)
     in_m, out_m = ("speech", "text") if task == "asr" else ("text", "speech")
     inputs = rand_inputs(in_m, [5, 12, 0, 9])
     gen = ZipperGenerator(model)

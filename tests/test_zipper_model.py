@@ -421,9 +421,9 @@ def test_prior_starts_cross_attention_on_the_shared_axis_diagonal():
     for lin in (block.q, block.kv):
         lin.weight.zero_()
     x, ctx = torch.randn(1, 6, 64), torch.randn(1, 24, 48)
-    k, _ = block.context_kv(ctx, torch.arange(24))
+    k, _ = block.context_kv(ctx, torch.arange(24) * 0.25)  # speech positions on the shared axis
     q = block._position(block.q(block.norm(x)).view(1, 6, block.n_head, block.head_dim).transpose(1, 2),
-                        torch.arange(6), 0)
+                        torch.arange(6))
     scores = (q @ k.transpose(-1, -2))[0] / block.head_dim ** 0.5  # [H, T, S]
     assert torch.equal(scores.argmax(-1), (4 * torch.arange(6)).expand(block.n_head, 6))
     torch.testing.assert_close(scores[:, 0, 0], torch.full((block.n_head,), 8.0))  # the prior at distance 0
@@ -456,3 +456,63 @@ def test_open_gates_over_zero_branches_start_as_identity_and_learn_from_step_0()
         assert bool(g_proj.abs().sum() > 0) == learns and bool(g_down.abs().sum() > 0) == learns
     with pytest.raises(ZipperError, match="--gate-init"):
         ZipperConfig(gate_init=float("nan")).validate()
+
+
+# --- learned clock (--xattn-pos learned) ---------------------------------------------------------------
+
+
+CLOCK = {"xattn_pos": {"text": 1.0, "speech": 0.25}, "xattn_prior": 8.0, "xattn_clock": True}
+
+
+@torch.no_grad()
+def test_learned_clock_starts_as_the_fixed_rate_and_is_causal():
+    towers = make_towers()
+    fixed, clocked = make_zipper(towers, **POS), make_zipper(towers, **CLOCK)
+    clocked.load_state_dict(fixed.state_dict(), strict=False)  # same fusion weights; the clock at its init
+    open_gates(fixed), open_gates(clocked)
+    for batch in (asr_batch(), tts_batch()):
+        a, b = fixed(batch), clocked(batch)
+        for name in a:
+            torch.testing.assert_close(a[name], b[name], atol=1e-5, rtol=0)
+    h = torch.randn(2, 9, 48)
+    valid = torch.ones(2, 9, dtype=torch.bool)
+    pos, end = clocked.axis_positions("speech", torch.arange(9), h, valid)
+    torch.testing.assert_close(pos, (0.25 * torch.arange(9.0)).expand(2, 9))
+    torch.testing.assert_close(end, torch.full((2,), 0.25 * 9))
+    text_pos, text_end = clocked.axis_positions("text", torch.arange(4), torch.randn(2, 4, 64), valid[:, :4])
+    assert torch.equal(text_pos, torch.arange(4.0)) and text_end is None  # the first tower is the axis
+
+    clocked.clock["speech"].weight.normal_(0, 0.5)
+    pos, end = clocked.axis_positions("speech", torch.arange(9), h, valid)
+    steps = pos.diff(dim=1)
+    assert (steps > 0).all() and steps.std() > 0.05  # increasing, at a rate that follows the content
+    # Causal: a token's place depends only on the tokens before it; padding adds nothing; decoding in
+    # pieces (start = the clock so far) gives the same places.
+    head, _ = clocked.axis_positions("speech", torch.arange(5), h[:, :5], valid[:, :5])
+    torch.testing.assert_close(head, pos[:, :5])
+    padded = valid.clone()
+    padded[0, 6:] = False
+    p2, e2 = clocked.axis_positions("speech", torch.arange(9), h, padded)
+    torch.testing.assert_close(p2[0, :7], pos[0, :7])
+    torch.testing.assert_close(e2[0], pos[0, 6])
+    tail, end2 = clocked.axis_positions("speech", torch.arange(5, 9), h[:, 5:], valid[:, 5:], start=pos[:, 5])
+    torch.testing.assert_close(tail, pos[:, 5:])
+    torch.testing.assert_close(end2, end)
+
+
+def test_learned_clock_learns_from_the_cross_attention():
+    model = make_zipper(input_proj=(), gate_init=0.5, **CLOCK)
+    with torch.no_grad():
+        for blocks in model.fusion:
+            for b in blocks.values():
+                b.proj.weight.normal_(0, 0.05)  # a branch that reads the attention (zero at init)
+    fused_loss(model, asr_batch()).backward()
+    assert model.clock["speech"].weight.grad.abs().sum() > 0
+    assert "text" not in model.clock  # the first tower is the axis
+
+
+def test_learned_clock_config():
+    with pytest.raises(ZipperError, match=r"the learned clock \(--xattn-pos learned\) needs the shared axis's scales"):
+        ZipperConfig(xattn_clock=True).validate()
+    cfg = ZipperConfig(**CLOCK)
+    assert ZipperConfig.from_dict(cfg.to_dict()) == cfg

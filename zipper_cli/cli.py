@@ -157,7 +157,8 @@ def fuse(
     tower_lr_mult: float = typer.Option(1.0, "--tower-lr-mult", help="LR multiplier of the towers' own trained "
                                         "parameters (zipper; the fusion modules keep --lr)."),
     xattn_pos: str = typer.Option("none", "--xattn-pos", help="auto: rotary positions in cross-attention on a "
-                                  "shared time axis (not in the paper); none."),
+                                  "shared time axis (not in the paper); learned: the same, speech placed by a "
+                                  "learned clock; none."),
     xattn_prior: float = typer.Option(0.0, "--xattn-prior", help="With --xattn-pos auto: start cross-attention "
                                       "as a soft diagonal of this many logits."),
     gate_init: float = typer.Option(0.0, "--gate-init", help="0: closed tanh gates (the paper's); else open gates "

@@ -220,6 +220,9 @@ class ZipperCache(_CachedBase):
                 shape = (B, b.n_head, self.S[y] + 1, b.head_dim)
                 d[(x, y)] = (torch.zeros(shape, dtype=dtype, device=dev), torch.zeros(shape, dtype=dtype, device=dev))
             self.kv.append(d)
+        # Learned clocks (--xattn-pos learned): where each row's next token of that tower will sit on the
+        # cross-attention's shared axis.
+        self.clock = {n: torch.zeros(B, device=dev) for n in (m.clock or {})}
 
     @torch.inference_mode()
     def feed(self, items: Items):
@@ -248,16 +251,22 @@ class ZipperCache(_CachedBase):
                 for w in self.w[n].blocks[done[n]:stop]:
                     h[n] = block_step(w, h[n], st[n])
                 done[n] = stop
+            if j == 0:  # the new tokens' places on the shared axis (col: positions; S: padding)
+                axis = {}
+                for n in run:
+                    axis[n], end = m.axis_positions(n, col[n], h[n], col[n] < self.S[n], self.clock.get(n))
+                    if end is not None:
+                        self.clock[n] = end
             for y, x in m.pairs:  # write the new tokens' k/v first: the snapshot before round j's updates
                 if x in run and (y, x) in need:
-                    k, v = blocks[pair_key(y, x)].context_kv(h[x], col[x])  # col: x's positions
+                    k, v = blocks[pair_key(y, x)].context_kv(h[x], axis[x])
                     kc, vc = self.kv[j][(y, x)]
                     idx = col[x][:, None, :, None].expand(-1, kc.shape[1], -1, kc.shape[3])
                     kc.scatter_(2, idx, k.to(kc.dtype))
                     vc.scatter_(2, idx, v.to(vc.dtype))
             for x, y in active:
                 kc, vc = self.kv[j][(x, y)]
-                h[x] = blocks[pair_key(x, y)].attend(h[x], kc, vc, xmask[(x, y)], col[x])
+                h[x] = blocks[pair_key(x, y)].attend(h[x], kc, vc, xmask[(x, y)], axis[x])
         logits = {}
         for n in run:
             for w in self.w[n].blocks[done[n]:]:
@@ -270,10 +279,11 @@ class ZipperCache(_CachedBase):
         idx = torch.as_tensor(index, dtype=torch.long, device=self.device)
         self.ord = {n: o.index_select(0, idx) for n, o in self.ord.items()}
         self.kv = [{p: (k.index_select(0, idx), v.index_select(0, idx)) for p, (k, v) in d.items()} for d in self.kv]
+        self.clock = {n: c.index_select(0, idx) for n, c in self.clock.items()}
 
     def close(self) -> None:
         super().close()
-        self.kv, self.ord = [], {}
+        self.kv, self.ord, self.clock = [], {}, {}
 
 
 class ZipperFull:

@@ -138,42 +138,53 @@ def block_step(w: dict, x: torch.Tensor, st: Step) -> torch.Tensor:
     masked out there anyway)."""
     a = w["attn"]
     B, T, C = x.shape
-    hd, H, Hkv = a.head_dim, a.n_head, a.n_kv_head
     cache = a.kv_cache
     if cache.k.shape[0] != B:
         raise RuntimeError(f"batch {B} does not match the KV cache batch {cache.k.shape[0]}")
-    qkv = _rms(x, w["norm1"]) @ w["qkv"]
     if st.fast:
-        qk = qkv[:, 0, :(H + Hkv) * hd].view(B, H + Hkv, hd) @ st.rot  # rotary as one matmul
-        q, k = qk[:, :H, None], qk[:, H:, None]  # [B, H, 1, hd]
-        v = qkv[:, 0, (H + Hkv) * hd:].view(B, Hkv, 1, hd)
-        p = st.p
-        cache.k[:, :, p:p + 1] = k
-        cache.v[:, :, p:p + 1] = v
-    else:
-        qk = apply_rope(qkv[..., :(H + Hkv) * hd].view(B, T, H + Hkv, hd).transpose(1, 2), st.cos, st.sin)
-        q, k = qk.split([H, Hkv], dim=1)
-        v = qkv[..., (H + Hkv) * hd:].view(B, T, Hkv, hd).transpose(1, 2)
-        idx = st.index(Hkv, hd)
-        cache.k.scatter_(2, idx, k if k.dtype == cache.k.dtype else k.to(cache.k.dtype))
-        cache.v.scatter_(2, idx, v if v.dtype == cache.v.dtype else v.to(cache.v.dtype))
+        return _fast_block_step(w, x.view(B, C), st).view(B, 1, C)
+    hd, H, Hkv = a.head_dim, a.n_head, a.n_kv_head
+    qkv = _rms(x, w["norm1"]) @ w["qkv"]
+    qk = apply_rope(qkv[..., :(H + Hkv) * hd].view(B, T, H + Hkv, hd).transpose(1, 2), st.cos, st.sin)
+    q, k = qk.split([H, Hkv], dim=1)
+    v = qkv[..., (H + Hkv) * hd:].view(B, T, Hkv, hd).transpose(1, 2)
+    idx = st.index(Hkv, hd)
+    cache.k.scatter_(2, idx, k if k.dtype == cache.k.dtype else k.to(cache.k.dtype))
+    cache.v.scatter_(2, idx, v if v.dtype == cache.v.dtype else v.to(cache.v.dtype))
     kc, vc = cache.k[:, :, :st.L], cache.v[:, :, :st.L]
     if kc.dtype != q.dtype:
         kc, vc = kc.to(q.dtype), vc.to(q.dtype)
     if Hkv != H:
         kc, vc = kc.repeat_interleave(H // Hkv, dim=1), vc.repeat_interleave(H // Hkv, dim=1)
-    if st.fast:
-        # One query per row: two small batched products beat sdpa's flash kernel (~2x per call on CPU).
-        att = q @ kc.transpose(-1, -2)  # [B, H, 1, L]
-        if w["q_scale"] != 1.0:
-            att = att * w["q_scale"]
-        y = (att.softmax(dim=-1) @ vc).reshape(B, 1, H * hd)
-    else:
-        y = F.scaled_dot_product_attention(q, kc, vc, attn_mask=st.mask, scale=w["q_scale"])
-        y = y.transpose(1, 2).reshape(B, T, H * hd)
-    x = x + y @ w["proj"]
+    y = F.scaled_dot_product_attention(q, kc, vc, attn_mask=st.mask, scale=w["q_scale"])
+    x = x + y.transpose(1, 2).reshape(B, T, H * hd) @ w["proj"]
     gate, up = (_rms(x, w["norm2"]) @ w["gate_up"]).chunk(2, dim=-1)
     return x + (F.silu(gate) * up) @ w["down"]
+
+
+def _fast_block_step(w: dict, x: torch.Tensor, st: Step) -> torch.Tensor:
+    """block_step's fast path (see Step) on x [B, C]: one token per row, all at cache slot st.p. Each op
+    here costs about as much as its arithmetic, so the path is written for few ops: rotary as one
+    matmul, single-query attention as two small products (sdpa's CPU kernel costs ~2x), residual adds
+    inside addmm."""
+    a = w["attn"]
+    B, C = x.shape
+    hd, H, Hkv = a.head_dim, a.n_head, a.n_kv_head
+    cache, p = a.kv_cache, st.p
+    qkv = _rms(x, w["norm1"]) @ w["qkv"]  # [B, (H + 2 Hkv) hd]
+    qk = qkv[:, :(H + Hkv) * hd].view(B, H + Hkv, hd) @ st.rot  # rotary at position p
+    cache.k[:, :, p] = qk[:, H:]
+    cache.v[:, :, p] = qkv[:, (H + Hkv) * hd:].view(B, Hkv, hd)
+    kc, vc = cache.k[:, :, :st.L], cache.v[:, :, :st.L]  # [B, Hkv, L, hd]
+    if Hkv != H:
+        kc, vc = kc.repeat_interleave(H // Hkv, dim=1), vc.repeat_interleave(H // Hkv, dim=1)
+    att = qk[:, :H, None] @ kc.transpose(-1, -2)  # [B, H, 1, L]
+    if w["q_scale"] != 1.0:
+        att = att * w["q_scale"]
+    y = (att.softmax(dim=-1) @ vc).view(B, C)  # [B, H, 1, hd] -> [B, C]
+    x = torch.addmm(x, y, w["proj"])
+    gate, up = (_rms(x, w["norm2"]) @ w["gate_up"]).chunk(2, dim=-1)
+    return torch.addmm(x, F.silu(gate) * up, w["down"])
 
 
 def head_logits(w: DecodeWeights, h: torch.Tensor) -> torch.Tensor:

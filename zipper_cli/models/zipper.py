@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 from typing import Iterable, Optional
 
 import torch
@@ -61,13 +62,14 @@ class GatedCrossBlock(nn.Module):
     """Tower X attends to tower Y at one cross point (Flamingo / torchtune style):
         x = x + tanh(alpha) * XAttn(norm(x), norm_ctx(g(ctx)))
         x = x + tanh(beta)  * FFW(norm_ffw(x))
-    g maps Y's width to X's width. By default no positions (the paper's block); with xattn_pos, rotary
-    positions of both sides on a shared time axis, and optionally a diagonal prior (see ZipperConfig).
+    g maps Y's width to X's width. By default no positions (the paper's block); with use_pos, rotary
+    positions of both sides on a shared time axis (given by the caller: Zipper.axis_positions), and
+    optionally a diagonal prior (see ZipperConfig).
     Split into context_kv (depends on the context only, position-wise, so a decoding cache can compute it
     once and extend it) and attend (the query side)."""
 
     def __init__(self, cfg_x: TowerConfig, cfg_y: TowerConfig, n_head: int, proj_layers: int, dropout: float,
-                 pos_scale: Optional[tuple[float, float]] = None, prior: float = 0.0):
+                 use_pos: bool = False, prior: float = 0.0):
         super().__init__()
         C = cfg_x.n_embd
         if C % n_head:
@@ -86,10 +88,10 @@ class GatedCrossBlock(nn.Module):
         # Scalar gates (0-dim, so weight decay on matrices skips them); tanh(0) = 0: identity at init.
         self.alpha = nn.Parameter(torch.zeros(()))
         self.beta = nn.Parameter(torch.zeros(()))
-        # Optional rotary positions on the shared time axis (ZipperConfig.xattn_pos): (scale of X's
-        # positions, scale of Y's), and the diagonal prior's offset, added to queries and keys alike.
-        self.pos_scale = pos_scale
-        if pos_scale is not None:
+        # Optional rotary positions on the shared time axis (ZipperConfig.xattn_pos), and the diagonal
+        # prior's offset, added to queries and keys alike.
+        self.use_pos = use_pos
+        if use_pos:
             inv_freq = rope_inv_freq(self.head_dim, XATTN_ROPE_BASE)
             self.register_buffer("inv_freq", inv_freq, persistent=False)  # derived, not checkpointed
         self.offset = None
@@ -98,32 +100,32 @@ class GatedCrossBlock(nn.Module):
             # the rotations decorrelate (a soft diagonal), and the offset is learned from there.
             self.offset = nn.Parameter(torch.full((C,), (prior / self.head_dim ** 0.5) ** 0.5))
 
-    def _position(self, t: torch.Tensor, pos: Optional[torch.Tensor], side: int) -> torch.Tensor:
-        """t [B, H, L, hd] (queries: side 0, keys: side 1); pos [L] or [B, L], the tokens' positions in
-        their own tower -> t plus the prior's offset, rotated by the position on the shared axis."""
+    def _position(self, t: torch.Tensor, pos: Optional[torch.Tensor]) -> torch.Tensor:
+        """t [B, H, L, hd] (queries or keys); pos [L] or [B, L], the tokens' positions on the shared axis
+        -> t plus the prior's offset, rotated by that position."""
         if self.offset is not None:
             t = t + self.offset.view(1, self.n_head, 1, self.head_dim).to(t.dtype)
-        if self.pos_scale is None:
+        if not self.use_pos:
             return t
         if pos is None:
             raise ValueError("this cross-attention uses positions (xattn_pos): pass the tokens' positions")
-        angle = (pos.float() * self.pos_scale[side])[..., None] * self.inv_freq  # [B|., L, hd/2]
+        angle = pos.float()[..., None] * self.inv_freq  # [B|., L, hd/2]
         return apply_rope(t, angle.cos().unsqueeze(-3), angle.sin().unsqueeze(-3))
 
     def context_kv(self, ctx: torch.Tensor, pos: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """ctx [B, S, C_y] (Y's hidden states), pos [S] or [B, S] (their positions in Y, needed with
-        xattn_pos) -> k, v [B, H, S, hd]. Position-wise: the k, v of a grown context are those of the old
+        """ctx [B, S, C_y] (Y's hidden states), pos [S] or [B, S] (their positions on the shared axis,
+        needed with xattn_pos) -> k, v [B, H, S, hd]. Position-wise: the k, v of a grown context are those of the old
         one concatenated with those of the new positions."""
         B, S, _ = ctx.shape
         k, v = self.kv(self.norm_ctx(self.g(ctx))).split(self.n_head * self.head_dim, dim=-1)
         k = k.view(B, S, self.n_head, self.head_dim).transpose(1, 2)  # [B, H, S, hd]
         v = v.view(B, S, self.n_head, self.head_dim).transpose(1, 2)
-        return self._position(k, pos, 1), v
+        return self._position(k, pos), v
 
     def attend(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
                pos: Optional[torch.Tensor] = None) -> torch.Tensor:
         """x [B, T, C] (X's residual stream), k, v from context_kv, mask bool [B, T, S] (True = may attend),
-        pos [T] or [B, T] (x's positions in X, needed with xattn_pos) -> the updated x [B, T, C]: both gated
+        pos [T] or [B, T] (x's positions on the shared axis, needed with xattn_pos) -> the updated x [B, T, C]: both gated
         branches, zero for rows whose mask is all False."""
         B, T, C = x.shape
         keep = mask.any(dim=-1, keepdim=True)  # [B, T, 1]: rows with at least one key
@@ -132,7 +134,7 @@ class GatedCrossBlock(nn.Module):
         # gradient through them exactly 0. Cheaper than a dummy key slot, same effect.
         attn_mask = (mask | ~keep).unsqueeze(1)  # [B, 1, T, S], broadcast over heads
         q = self.q(self.norm(x)).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # [B, H, T, hd]
-        q = self._position(q, pos, 0)
+        q = self._position(q, pos)
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0
         )
@@ -143,9 +145,12 @@ class GatedCrossBlock(nn.Module):
         # still be changed by fusion (through an FFW of its own states) although it saw nothing.
         return x + torch.tanh(self.beta) * self.ffw(self.norm_ffw(x)) * keep
 
-    def forward(self, x: torch.Tensor, ctx: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Training use: positions are each tower's 0..T-1."""
-        pos_x, pos_y = (torch.arange(t.shape[1], device=t.device) for t in (x, ctx))
+    def forward(self, x: torch.Tensor, ctx: torch.Tensor, mask: torch.Tensor, pos_x: Optional[torch.Tensor] = None,
+                pos_y: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Training use; positions on the shared axis default to each side's 0..T-1."""
+        if self.use_pos:
+            pos_x = torch.arange(x.shape[1], device=x.device) if pos_x is None else pos_x
+            pos_y = torch.arange(ctx.shape[1], device=ctx.device) if pos_y is None else pos_y
         return self.attend(x, *self.context_kv(ctx, pos_y), mask, pos_x)
 
 
@@ -174,13 +179,14 @@ class Zipper(nn.Module):
         self.fusion = nn.ModuleList(  # fusion[j][pair_key(x, y)]: x attends to y at cross point j
             nn.ModuleDict({
                 pair_key(x, y): GatedCrossBlock(tcfg[x], tcfg[y], cfg.xattn_heads or tcfg[x].n_head,
-                                                cfg.proj_layers, cfg.dropout,
-                                                (cfg.xattn_pos[x], cfg.xattn_pos[y]) if cfg.xattn_pos else None,
+                                                cfg.proj_layers, cfg.dropout, cfg.xattn_pos is not None,
                                                 cfg.xattn_prior)
                 for x, y in self.pairs
             })
             for _ in range(len(self.points[names[0]]))
         )
+        # --xattn-pos learned: each later tower's clock (see axis_positions); the first tower is the axis.
+        self.clock = nn.ModuleDict({n: nn.Linear(tcfg[n].n_embd, 1) for n in names[1:]}) if cfg.xattn_clock else None
         a, b = names[0], names[1]
         self.ctc_head = nn.Linear(tcfg[a].n_embd, tcfg[a].vocab_size, bias=False) if cfg.ctc_head else None
         self._init_fusion()
@@ -217,6 +223,29 @@ class Zipper(nn.Module):
                 if self.cfg.gate_init != 0:  # open gates: the branches start at zero instead
                     nn.init.zeros_(b.proj.weight)
                     nn.init.zeros_(b.ffw.proj.weight)
+        for n, lin in (self.clock or {}).items():  # start at the fixed rate: softplus(bias) = xattn_pos[n]
+            nn.init.zeros_(lin.weight)
+            nn.init.constant_(lin.bias, math.log(math.expm1(self.cfg.xattn_pos[n])))
+
+    def axis_positions(self, name: str, pos: torch.Tensor, h: torch.Tensor, valid: torch.Tensor,
+                       start: Optional[torch.Tensor] = None) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """Where tower `name`'s tokens sit on the cross-attention's shared time axis (None without
+        xattn_pos). pos [T] or [B, T]: their positions in their own tower; h [B, T, C]: their hidden
+        states at the first cross point (the tower's own layers only: causal, fusion-free); valid [B, T];
+        start [B]: the clock at the first of these tokens (incremental decoding; None = 0).
+        Fixed rate: pos * xattn_pos[name]. Learned clock: token t sits at start + the sum of softplus(clock(h_s))
+        over the valid tokens s < t, so the rate can follow the content. Returns (positions [B, T] or
+        [T], the clock after the last valid token [B] or None for a fixed rate)."""
+        if self.cfg.xattn_pos is None:
+            return None, None
+        if self.clock is None or name not in self.clock:
+            return pos.float() * self.cfg.xattn_pos[name], None
+        lin = self.clock[name]
+        dt = torch.promote_types(h.dtype, torch.float32)  # positions accumulate: at least float32
+        inc = F.softplus(F.linear(h.to(dt), lin.weight.to(dt), lin.bias.to(dt)).squeeze(-1)) * valid  # [B, T]
+        total = inc.cumsum(1)
+        first = torch.zeros_like(inc[:, 0]) if start is None else start
+        return first[:, None] + (total - inc), first + total[:, -1]
 
     # --- training forward ---------------------------------------------------------------------------
 
@@ -245,9 +274,12 @@ class Zipper(nn.Module):
             for n in names:
                 h[n] = self._run_blocks(n, h[n], rope[n], done[n], self.points[n][j])
                 done[n] = self.points[n][j]
+            if j == 0:
+                axis = {n: self.axis_positions(n, torch.arange(h[n].shape[1], device=h[n].device), h[n],
+                                               batch[n][1])[0] for n in names}
             ctx = dict(h)  # every tower at cross point j, before this round's updates: symmetric
             for x, y in active:
-                h[x] = blocks[pair_key(x, y)](h[x], ctx[y], masks[(x, y)])
+                h[x] = blocks[pair_key(x, y)](h[x], ctx[y], masks[(x, y)], axis[x], axis[y])
         out = {}
         if with_ctc:
             if self.ctc_head is None:

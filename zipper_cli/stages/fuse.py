@@ -68,7 +68,9 @@ class FuseConfig:
     training). Adds a CTC head that reads the speech tower through the last text<-speech projection g."""
     xattn_pos: str = "none"
     """--xattn-pos: auto (rotary positions inside cross-attention, speech positions scaled onto the text
-    axis by the aligned data's mean length ratio) or none (the paper's position-blind cross-attention)."""
+    axis by the aligned data's mean length ratio), learned (the same axis, but each speech token's place
+    comes from a learned clock that starts at that ratio: ZipperConfig.xattn_clock) or none (the paper's
+    position-blind cross-attention)."""
     xattn_prior: float = 0.0
     """--xattn-prior: with --xattn-pos auto, start cross-attention as a soft diagonal of this many logits."""
     gate_init: float = 0.0
@@ -87,8 +89,8 @@ class FuseConfig:
             raise ZipperError(f"--ctc-weight must be >= 0 (got {self.ctc_weight})")
         if self.ctc_weight > 0 and self.arch != "zipper":
             raise ZipperError("--ctc-weight is a Zipper option (the CTC head reads the speech tower)")
-        if self.xattn_pos not in ("auto", "none"):
-            raise ZipperError(f"--xattn-pos must be auto or none (got {self.xattn_pos!r})")
+        if self.xattn_pos not in ("auto", "learned", "none"):
+            raise ZipperError(f"--xattn-pos must be auto, learned or none (got {self.xattn_pos!r})")
         if self.arch != "zipper" and (self.xattn_pos != "none" or self.xattn_prior):
             raise ZipperError("--xattn-pos and --xattn-prior are Zipper options (they shape its cross-attention)")
         if self.arch != "zipper" and self.gate_init:
@@ -97,7 +99,7 @@ class FuseConfig:
             raise ZipperError("--tower-lr-mult is a Zipper option (the single decoder is one network: use --lr)")
         parse_task_mix(self.task_mix)
         self.train.validate()
-        self.zipper_config(pos_scale={"text": 1.0, "speech": 1.0} if self.xattn_pos == "auto" else None).validate()
+        self.zipper_config(pos_scale={"text": 1.0, "speech": 1.0} if self.xattn_pos != "none" else None).validate()
 
     def frozen(self) -> list[str]:
         """The towers --freeze names, in tower order."""
@@ -114,6 +116,7 @@ class FuseConfig:
         proj = () if self.input_proj in ("none", "") else tuple(x.strip() for x in self.input_proj.split(","))
         return ZipperConfig(n_cross=self.n_cross or min(4, max_cross), input_proj=proj, proj_layers=self.proj_layers,
                             dropout=self.dropout, ctc_head=self.ctc_weight > 0, xattn_pos=pos_scale,
+                            xattn_clock=self.xattn_pos == "learned",
                             xattn_prior=self.xattn_prior, gate_init=self.gate_init)
 
     def resolved_tag(self) -> str:
@@ -259,7 +262,7 @@ def _fuse(run_dir: Path, cfg: FuseConfig, tag: str, out: Path, tok: dict, stage,
     keep = set(nested_subset([u["id"] for u in aligned], cfg.subset_seed, cfg.aligned_fraction, cfg.aligned_count))
     n_pool = len(aligned)
     # Measured on the whole aligned pool: the same axis for every --aligned-fraction.
-    pos_scale = shared_axis(aligned) if cfg.xattn_pos == "auto" else None
+    pos_scale = shared_axis(aligned) if cfg.xattn_pos != "none" else None
     aligned = [u for u in aligned if u["id"] in keep]
     dev = _aligned_utts(run_dir, "dev", tok)
     mix = parse_task_mix(cfg.task_mix)
