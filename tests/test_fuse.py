@@ -128,6 +128,27 @@ def test_cross_attention_positions_on_the_data_axis(pretrained, tmp_path):
     assert model.cfg.xattn_prior == 8.0 and model.fusion[0]["text<-speech"].offset is not None
 
 
+def test_clock_loss_is_the_squared_log_ratio_of_clock_end_to_text_length():
+    from zipper_cli.models.tower import Tower, tower_preset
+    from zipper_cli.models.zipper import Zipper, ZipperConfig
+    from zipper_cli.stages.fuse import ZipperLoss
+
+    torch.manual_seed(0)
+    towers = {"text": Tower(tower_preset("tiny", 40)), "speech": Tower(tower_preset("tiny", 30))}
+    model = Zipper.from_towers(ZipperConfig(n_cross=1, input_proj=(), xattn_pos={"text": 1.0, "speech": 0.5},
+                                            xattn_clock=True), towers)
+    exs = [Example(ASR, np.arange(4, 9), np.arange(3, 15), "a"), Example(TTS, np.arange(4, 7), np.arange(3, 9), "b")]
+    ce, n = ZipperLoss()(model, exs, "cpu")
+    with_clock, n2 = ZipperLoss(clock_weight=2.0)(model, exs, "cpu")
+    # At init the clock runs at 0.5 per speech token. Tower inputs: the input modality with its begin and
+    # end tokens (+2), the teacher-forced output with its begin token (+1).
+    n_speech = [len(exs[0].units) + 2, len(exs[1].units) + 1]
+    n_text = [len(exs[0].pieces) + 1, len(exs[1].pieces) + 2]
+    expected = sum(np.log(0.5 * s / t) ** 2 for s, t in zip(n_speech, n_text))
+    assert n == n2
+    torch.testing.assert_close(with_clock - ce, torch.tensor(2.0 * expected, dtype=ce.dtype), atol=1e-4, rtol=1e-4)
+
+
 def test_learned_clock_trains_and_is_recorded(pretrained, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(pretrained, run)
@@ -154,6 +175,10 @@ def test_fuse_errors(pretrained, tmp_path):
         fuse(run, small_fuse(xattn_prior=8.0))
     with pytest.raises(ZipperError, match="--xattn-pos and --xattn-prior are Zipper options"):
         fuse(run, small_fuse(arch="single-decoder", freeze="none", xattn_pos="auto"))
+    with pytest.raises(ZipperError, match=r"--clock-weight needs --xattn-pos learned \(it trains the learned clock\)"):
+        fuse(run, small_fuse(xattn_pos="auto", clock_weight=0.5))
+    with pytest.raises(ZipperError, match=r"--clock-weight must be >= 0 \(got -1.0\)"):
+        fuse(run, small_fuse(xattn_pos="learned", clock_weight=-1.0))
     with pytest.raises(ZipperError, match=r"--tower-lr-mult is a Zipper option \(the single decoder is one network: use --lr\)"):
         fuse(run, small_fuse(arch="single-decoder", freeze="none", train=TrainConfig(tower_lr_mult=0.1)))
     with pytest.raises(ZipperError, match=r"--tower-lr-mult must be > 0 \(got 0.0\)"):

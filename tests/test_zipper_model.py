@@ -511,6 +511,22 @@ def test_learned_clock_learns_from_the_cross_attention():
     assert "text" not in model.clock  # the first tower is the axis
 
 
+@torch.no_grad()
+def test_learned_clock_end_is_reported_per_tower():
+    model = make_zipper(input_proj=(), **CLOCK)  # the clock reads the tower's own states from its embedding on
+    model.clock["speech"].weight.normal_(0, 0.5)
+    batch = asr_batch(B=2, Ts=7)
+    batch["speech"][1][1, 5:] = False  # row 1: 5 speech tokens
+    out = model(batch, with_clock=True)
+    assert set(out["clock"]) == {"speech"} and torch.equal(out["text"], model(batch)["text"])
+    h = model._run_blocks("speech", model.towers["speech"].embed(batch["speech"][0]),
+                          model.towers["speech"].block_inputs(7)[0], 0, model.points["speech"][0])
+    torch.testing.assert_close(out["clock"]["speech"], model.axis_positions("speech", torch.arange(7), h,
+                                                                            batch["speech"][1])[1])
+    with pytest.raises(ZipperError, match=r"this Zipper has no learned clock \(built without --xattn-pos learned\)"):
+        make_zipper(**POS)(batch, with_clock=True)
+
+
 def test_learned_clock_config():
     with pytest.raises(ZipperError, match=r"the learned clock \(--xattn-pos learned\) needs the shared axis's scales"):
         ZipperConfig(xattn_clock=True).validate()

@@ -161,6 +161,8 @@ def fuse(
                                   "learned clock; none."),
     xattn_prior: float = typer.Option(0.0, "--xattn-prior", help="With --xattn-pos auto: start cross-attention "
                                       "as a soft diagonal of this many logits."),
+    clock_weight: float = typer.Option(1.0, "--clock-weight", help="With --xattn-pos learned: weight of the loss "
+                                       "that makes the speech clock end at the transcript's length."),
     gate_init: float = typer.Option(0.0, "--gate-init", help="0: closed tanh gates (the paper's); else open gates "
                                     "over zero-initialised branch outputs (still the identity at step 0)."),
     steps: int = Steps, lr: float = Lr, warmup: int = Warmup, grad_clip: float = GradClip, grad_accum: int = GradAccum,
@@ -174,7 +176,7 @@ def fuse(
     cfg = FuseConfig(arch=arch, tag=tag, freeze=freeze, aligned_fraction=aligned_fraction, aligned_count=aligned_count,
                      subset_seed=subset_seed, task_mix=task_mix, n_cross=n_cross, input_proj=input_proj,
                      proj_layers=proj_layers, dropout=dropout, ctc_weight=ctc_weight, xattn_pos=xattn_pos,
-                     xattn_prior=xattn_prior, gate_init=gate_init,
+                     xattn_prior=xattn_prior, gate_init=gate_init, clock_weight=clock_weight,
                      train=dataclasses.replace(_train_config(steps, lr, warmup, grad_clip, grad_accum, max_tokens,
                                                              eval_every, ckpt_every, keep_last, seed, precision, device),
                                                scalar_lr_mult=gate_lr_mult, tower_lr_mult=tower_lr_mult))

@@ -250,11 +250,12 @@ class Zipper(nn.Module):
     # --- training forward ---------------------------------------------------------------------------
 
     def forward(self, batch: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
-                with_ctc: bool = False) -> dict[str, torch.Tensor]:
+                with_ctc: bool = False, with_clock: bool = False) -> dict:
         """batch[name] = (tokens [B, T_x] int64, valid [B, T_x] bool, order [B, T_x] int64: each token's
         position in the example's linear sequence) -> {name: logits [B, T_x, V_x]}. Full causal
         self-attention inside each tower; cross-attention masked by linear order. with_ctc adds
-        out["ctc"] = CTC logits [B, T_B, V_A] over tower B's positions (needs cfg.ctc_head)."""
+        out["ctc"] = CTC logits [B, T_B, V_A] over tower B's positions (needs cfg.ctc_head). with_clock adds
+        out["clock"] = {tower: where its learned clock ends, [B]} (needs cfg.xattn_clock)."""
         names = self.cfg.towers
         self._check_batch(batch)
         h, rope = {}, {}
@@ -275,12 +276,17 @@ class Zipper(nn.Module):
                 h[n] = self._run_blocks(n, h[n], rope[n], done[n], self.points[n][j])
                 done[n] = self.points[n][j]
             if j == 0:
-                axis = {n: self.axis_positions(n, torch.arange(h[n].shape[1], device=h[n].device), h[n],
-                                               batch[n][1])[0] for n in names}
+                placed = {n: self.axis_positions(n, torch.arange(h[n].shape[1], device=h[n].device), h[n],
+                                                 batch[n][1]) for n in names}
+                axis = {n: p[0] for n, p in placed.items()}
             ctx = dict(h)  # every tower at cross point j, before this round's updates: symmetric
             for x, y in active:
                 h[x] = blocks[pair_key(x, y)](h[x], ctx[y], masks[(x, y)], axis[x], axis[y])
-        out = {}
+        out: dict = {}
+        if with_clock:
+            if self.clock is None:
+                raise ZipperError("this Zipper has no learned clock (built without --xattn-pos learned)")
+            out["clock"] = {n: placed[n][1] for n in self.clock}
         if with_ctc:
             if self.ctc_head is None:
                 raise ZipperError("this Zipper has no CTC head (built without --ctc-weight)")

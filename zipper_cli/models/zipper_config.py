@@ -47,7 +47,7 @@ class ZipperConfig:
     """--xattn-pos learned: with xattn_pos, every tower after the first places its tokens on the shared
     axis by a learned clock instead of at a fixed rate: token t sits at the sum, over its tower's tokens
     s < t, of softplus(w . h_s + b), h_s the token's hidden state at the first cross point (the tower's
-    own layers only, so causal and fusion-free, in decoding too). w starts at zero and softplus(b) at the
+    own layers only, no cross-attention before it: causal, and the same in decoding). w starts at zero and softplus(b) at the
     fixed rate, so the clock starts as `auto`; it can learn to follow the content (speaking rates vary:
     the text/speech length ratio's coefficient of variation is 0.23 on the demo corpus), where a fixed
     rate drifts off the diagonal late in an utterance."""

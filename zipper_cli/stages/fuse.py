@@ -75,6 +75,11 @@ class FuseConfig:
     """--xattn-prior: with --xattn-pos auto, start cross-attention as a soft diagonal of this many logits."""
     gate_init: float = 0.0
     """--gate-init: 0 = closed tanh gates (the paper's); else open gates over zero-initialised branch outputs."""
+    clock_weight: float = 1.0
+    """--clock-weight: with --xattn-pos learned, weight of an auxiliary loss, per example, on the squared log
+    ratio of where the speech clock ends to the transcript's length: the clock learns each utterance's
+    speaking rate from the audio, so that the shared axis ends where the text ends (0 = off: the clock
+    learns from the cross-attention alone)."""
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def validate(self) -> None:
@@ -93,6 +98,10 @@ class FuseConfig:
             raise ZipperError(f"--xattn-pos must be auto, learned or none (got {self.xattn_pos!r})")
         if self.arch != "zipper" and (self.xattn_pos != "none" or self.xattn_prior):
             raise ZipperError("--xattn-pos and --xattn-prior are Zipper options (they shape its cross-attention)")
+        if not (math.isfinite(self.clock_weight) and self.clock_weight >= 0):
+            raise ZipperError(f"--clock-weight must be >= 0 (got {self.clock_weight})")
+        if self.clock_weight != 1.0 and self.xattn_pos != "learned":
+            raise ZipperError("--clock-weight needs --xattn-pos learned (it trains the learned clock)")
         if self.arch != "zipper" and self.gate_init:
             raise ZipperError("--gate-init is a Zipper option (the single decoder has no gates)")
         if self.arch != "zipper" and self.train.tower_lr_mult != 1.0:
@@ -130,10 +139,11 @@ class FuseConfig:
 
 class ZipperLoss:
     """Cross-entropy on the output modality of each example (ASR: text, TTS: speech), plus ctc_weight x
-    the CTC loss of the model's CTC head on ASR examples (speech positions -> transcript pieces)."""
+    the CTC loss of the model's CTC head on ASR examples (speech positions -> transcript pieces), plus
+    clock_weight x sum over examples of log(speech clock end / text length)^2 (a learned clock only)."""
 
-    def __init__(self, ctc_weight: float = 0.0):
-        self.ctc_weight = ctc_weight
+    def __init__(self, ctc_weight: float = 0.0, clock_weight: float = 0.0):
+        self.ctc_weight, self.clock_weight = ctc_weight, clock_weight
 
     def __call__(self, model, examples: list[Example], device):
         batch, targets = {}, {}
@@ -143,7 +153,7 @@ class ZipperLoss:
             targets[m] = tgt.to(device)
         asr = [i for i, e in enumerate(examples) if e.task == ASR]
         with_ctc = self.ctc_weight > 0 and bool(asr)
-        logits = model(batch, with_ctc=True) if with_ctc else model(batch)
+        logits = model(batch, with_ctc=with_ctc, with_clock=self.clock_weight > 0)
         loss = sum(F.cross_entropy(logits[m].float().flatten(0, 1), targets[m].flatten(), ignore_index=-100,
                                    reduction="sum") for m in ("text", "speech"))
         if with_ctc:
@@ -153,6 +163,10 @@ class ZipperLoss:
                              torch.tensor([len(p) for p in pieces], device=device), blank=0, reduction="sum",
                              zero_infinity=True)
             loss = loss + self.ctc_weight * ctc
+        if self.clock_weight > 0:
+            n_text = batch["text"][1].sum(1).clamp(min=1).to(torch.float32)
+            end = logits["clock"]["speech"].clamp(min=1e-3)  # [B]
+            loss = loss + self.clock_weight * (end.log() - n_text.log()).square().sum()
         return loss, int(sum((t != -100).sum() for t in targets.values()))
 
     @staticmethod
@@ -276,7 +290,7 @@ def _fuse(run_dir: Path, cfg: FuseConfig, tag: str, out: Path, tok: dict, stage,
         depth = min(text_tower.cfg.n_layer, speech_tower.cfg.n_layer)
         model = Zipper.from_towers(cfg.zipper_config(depth, pos_scale), {"text": text_tower, "speech": speech_tower})
         model.freeze(cfg.frozen())
-        loss_fn = ZipperLoss(cfg.ctc_weight)
+        loss_fn = ZipperLoss(cfg.ctc_weight, cfg.clock_weight if cfg.xattn_pos == "learned" else 0.0)
         meta = {"arch": "zipper", "zipper": model.cfg.to_dict(),
                 "towers": {n: t.cfg.to_dict() for n, t in model.towers.items()}}
     else:
