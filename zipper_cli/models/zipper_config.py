@@ -46,11 +46,12 @@ class ZipperConfig:
     xattn_clock: bool = False
     """--xattn-pos learned: with xattn_pos, every tower after the first places its tokens on the shared
     axis by a learned clock instead of at a fixed rate: token t sits at the sum, over its tower's tokens
-    s < t, of softplus(w . h_s + b), h_s the token's hidden state at the first cross point (the tower's
-    own layers only, no cross-attention before it: causal, and the same in decoding). w starts at zero and softplus(b) at the
+    s < t, of softplus(w . h_s + b), h_s the token's hidden state at the first cross point (no
+    cross-attention before it: causal, and the same in decoding). w starts at zero and softplus(b) at the
     fixed rate, so the clock starts as `auto`; it can learn to follow the content (speaking rates vary:
     the text/speech length ratio's coefficient of variation is 0.23 on the demo corpus), where a fixed
-    rate drifts off the diagonal late in an utterance."""
+    rate drifts off the diagonal late in an utterance. Fuse also trains it to end at the transcript's
+    length (--clock-weight)."""
     xattn_prior: float = 0.0
     """--xattn-prior: with xattn_pos, start each cross-attention as a soft diagonal on the shared axis: a
     learned offset (one vector per block, added to both queries and keys) whose position-only score is
