@@ -114,8 +114,8 @@ class GatedCrossBlock(nn.Module):
 
     def context_kv(self, ctx: torch.Tensor, pos: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
         """ctx [B, S, C_y] (Y's hidden states), pos [S] or [B, S] (their positions on the shared axis,
-        needed with xattn_pos) -> k, v [B, H, S, hd]. Position-wise: the k, v of a grown context are those of the old
-        one concatenated with those of the new positions."""
+        needed with xattn_pos) -> k, v [B, H, S, hd]. Position-wise: the k, v of a grown context are those
+        of the old one concatenated with those of the new positions."""
         B, S, _ = ctx.shape
         k, v = self.kv(self.norm_ctx(self.g(ctx))).split(self.n_head * self.head_dim, dim=-1)
         k = k.view(B, S, self.n_head, self.head_dim).transpose(1, 2)  # [B, H, S, hd]
@@ -125,8 +125,8 @@ class GatedCrossBlock(nn.Module):
     def attend(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
                pos: Optional[torch.Tensor] = None) -> torch.Tensor:
         """x [B, T, C] (X's residual stream), k, v from context_kv, mask bool [B, T, S] (True = may attend),
-        pos [T] or [B, T] (x's positions on the shared axis, needed with xattn_pos) -> the updated x [B, T, C]: both gated
-        branches, zero for rows whose mask is all False."""
+        pos [T] or [B, T] (x's positions on the shared axis, needed with xattn_pos) -> the updated x
+        [B, T, C]: both gated branches, zero for rows whose mask is all False."""
         B, T, C = x.shape
         keep = mask.any(dim=-1, keepdim=True)  # [B, T, 1]: rows with at least one key
         # An all-False row would make softmax 0/0 = NaN (forward and backward). Such rows attend to every
@@ -231,11 +231,11 @@ class Zipper(nn.Module):
                        start: Optional[torch.Tensor] = None) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
         """Where tower `name`'s tokens sit on the cross-attention's shared time axis (None without
         xattn_pos). pos [T] or [B, T]: their positions in their own tower; h [B, T, C]: their hidden
-        states at the first cross point (the tower's own layers only: causal, fusion-free); valid [B, T];
-        start [B]: the clock at the first of these tokens (incremental decoding; None = 0).
-        Fixed rate: pos * xattn_pos[name]. Learned clock: token t sits at start + the sum of softplus(clock(h_s))
-        over the valid tokens s < t, so the rate can follow the content. Returns (positions [B, T] or
-        [T], the clock after the last valid token [B] or None for a fixed rate)."""
+        states at the first cross point (no cross-attention before it: causal); valid [B, T]; start [B]:
+        the clock at the first of these tokens (incremental decoding; None = 0). Fixed rate:
+        pos * xattn_pos[name]. Learned clock: token t sits at start + the sum of softplus(clock(h_s)) over
+        the valid tokens s < t, so the rate can follow the content. Returns (positions [B, T] or [T], the
+        clock after the last valid token [B] or None for a fixed rate)."""
         if self.cfg.xattn_pos is None:
             return None, None
         if self.clock is None or name not in self.clock:
