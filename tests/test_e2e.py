@@ -28,7 +28,7 @@ def test_five_verbs_end_to_end(tmp_path):
     zipper("tokenize", *run, "--corpus", f"manifest:{manifest}", "--units", "16", "--text-vocab", "40", cwd=tmp_path)
     zipper("pretrain", *run, "--tower", "text", *train, cwd=tmp_path)
     zipper("pretrain", *run, "--tower", "speech", *train, cwd=tmp_path)
-    fusion = ["--freeze", "text", "--xattn-pos", "auto", "--xattn-prior", "8", "--gate-init", "0.5"]  # the demo's
+    fusion = ["--freeze", "text", "--xattn-pos", "learned", "--xattn-prior", "8", "--gate-init", "0.5"]  # the demo's
     zipper("fuse", *run, *fusion, "--steps", "6", "--max-tokens", "512", "--eval-every", "3",
            "--ckpt-every", "3", cwd=tmp_path)
     small = ["--max-len-min", "text=4,speech=8", "--max-new-tokens", "8", "--vocoder-steps", "20"]

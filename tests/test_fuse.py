@@ -152,7 +152,7 @@ def test_clock_loss_is_the_squared_log_ratio_of_clock_end_to_text_length():
 def test_learned_clock_trains_and_is_recorded(pretrained, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(pretrained, run)
-    cfg = small_fuse(tag="clock", xattn_pos="learned", xattn_prior=8.0, gate_init=0.5, train=TrainConfig(
+    cfg = small_fuse(tag="clock", xattn_pos="learned", xattn_prior=8.0, gate_init=0.5, clock_weight=1.0, train=TrainConfig(
         max_steps=3, lr=3e-3, warmup_steps=1, max_tokens=512, eval_every=3, ckpt_every=3))
     fuse(run, cfg)
     model, meta = load_fused(run / "fused" / "clock")

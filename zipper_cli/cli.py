@@ -161,7 +161,7 @@ def fuse(
                                   "learned clock; none."),
     xattn_prior: float = typer.Option(0.0, "--xattn-prior", help="With --xattn-pos auto: start cross-attention "
                                       "as a soft diagonal of this many logits."),
-    clock_weight: float = typer.Option(1.0, "--clock-weight", help="With --xattn-pos learned: weight of the loss "
+    clock_weight: float = typer.Option(0.0, "--clock-weight", help="With --xattn-pos learned: weight of the loss "
                                        "that makes the speech clock end at the transcript's length."),
     gate_init: float = typer.Option(0.0, "--gate-init", help="0: closed tanh gates (the paper's); else open gates "
                                     "over zero-initialised branch outputs (still the identity at step 0)."),

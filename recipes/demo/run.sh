@@ -50,13 +50,14 @@ fi
 if [ "$stage" -le 4 ] && [ "$stop_stage" -ge 4 ]; then
   echo "== stage 4: zip the towers (text frozen, speech trained) on the aligned role"
   # Short-run choices (see README): no input projections, so the frozen text tower starts from its
-  # pretrained behaviour; rotary positions in the cross-attention on a shared text/speech time axis,
-  # started as a soft diagonal (--xattn-pos, --xattn-prior); gates open over zero-initialised branch
+  # pretrained behaviour; rotary positions in the cross-attention on a shared text/speech time axis, the
+  # speech placed on it by a learned clock, started as a soft diagonal (--xattn-pos learned,
+  # --xattn-prior); gates open over zero-initialised branch
   # outputs, so the fusion learns from step 1 yet starts as the identity (--gate-init); a larger
   # learning rate for the gates; small batches (more updates per minute); dropout against memorising
   # the aligned set; an auxiliary CTC loss on the speech tower. None of these is in the paper: without
   # them the fusion learns nothing in a CPU budget (README, "Why the demo fuses differently").
-  $zipper fuse --run-dir "$run_dir" --arch zipper --freeze text --input-proj none --xattn-pos auto \
+  $zipper fuse --run-dir "$run_dir" --arch zipper --freeze text --input-proj none --xattn-pos learned \
     --xattn-prior 8 --gate-init 0.5 --gate-lr-mult 10 --ctc-weight 0.3 --dropout 0.1 --tag demo \
     --steps "$fuse_steps" --lr 1e-3 --warmup 50 --max-tokens 2048 \
     --eval-every 100 --ckpt-every 100

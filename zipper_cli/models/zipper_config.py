@@ -50,7 +50,7 @@ class ZipperConfig:
     cross-attention before it: causal, and the same in decoding). w starts at zero and softplus(b) at the
     fixed rate, so the clock starts as `auto`; it can learn to follow the content (speaking rates vary:
     the text/speech length ratio's coefficient of variation is 0.23 on the demo corpus), where a fixed
-    rate drifts off the diagonal late in an utterance. Fuse also trains it to end at the transcript's
+    rate drifts off the diagonal late in an utterance. Fuse can also train it to end at the transcript's
     length (--clock-weight)."""
     xattn_prior: float = 0.0
     """--xattn-prior: with xattn_pos, start each cross-attention as a soft diagonal on the shared axis: a

@@ -75,11 +75,11 @@ class FuseConfig:
     """--xattn-prior: with --xattn-pos auto, start cross-attention as a soft diagonal of this many logits."""
     gate_init: float = 0.0
     """--gate-init: 0 = closed tanh gates (the paper's); else open gates over zero-initialised branch outputs."""
-    clock_weight: float = 1.0
+    clock_weight: float = 0.0
     """--clock-weight: with --xattn-pos learned, weight of an auxiliary loss, per example, on the squared log
-    ratio of where the speech clock ends to the transcript's length: the clock learns each utterance's
-    speaking rate from the audio, so that the shared axis ends where the text ends (0 = off: the clock
-    learns from the cross-attention alone)."""
+    ratio of where the speech clock ends to the transcript's length, so that the clock learns each
+    utterance's speaking rate from the audio (0 = off: the clock learns from the cross-attention alone).
+    On the demo, 1.0 cut the clock's length error from 0.22 to 0.17 but did not decode better (README)."""
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def validate(self) -> None:
@@ -100,7 +100,7 @@ class FuseConfig:
             raise ZipperError("--xattn-pos and --xattn-prior are Zipper options (they shape its cross-attention)")
         if not (math.isfinite(self.clock_weight) and self.clock_weight >= 0):
             raise ZipperError(f"--clock-weight must be >= 0 (got {self.clock_weight})")
-        if self.clock_weight != 1.0 and self.xattn_pos != "learned":
+        if self.clock_weight and self.xattn_pos != "learned":
             raise ZipperError("--clock-weight needs --xattn-pos learned (it trains the learned clock)")
         if self.arch != "zipper" and self.gate_init:
             raise ZipperError("--gate-init is a Zipper option (the single decoder has no gates)")
