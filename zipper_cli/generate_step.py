@@ -176,6 +176,8 @@ def _fast_block_step(w: dict, x: torch.Tensor, st: Step) -> torch.Tensor:
     cache.k[:, :, p] = qk[:, H:]
     cache.v[:, :, p] = qkv[:, (H + Hkv) * hd:].view(B, Hkv, hd)
     kc, vc = cache.k[:, :, :st.L], cache.v[:, :, :st.L]  # [B, Hkv, L, hd]
+    if kc.dtype != qk.dtype:
+        kc, vc = kc.to(qk.dtype), vc.to(qk.dtype)
     if Hkv != H:
         kc, vc = kc.repeat_interleave(H // Hkv, dim=1), vc.repeat_interleave(H // Hkv, dim=1)
     att = qk[:, :H, None] @ kc.transpose(-1, -2)  # [B, H, 1, L]
