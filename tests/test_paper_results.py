@@ -38,5 +38,6 @@ def test_results_page_pivots_by_model_and_fraction_and_checks_the_claims(tmp_pat
     assert "| zipper-unfrozen | 30.0% | 50.0% |" in page  # the TTS row kind
     assert "Zipper 20.0% -> 40.0%, single decoder 30.0% -> 90.0%; supported" in page
     assert "single-decoder vs zipper-unfrozen: ΔWER +10.00%" in page and "not supported (single-decoder significantly worse)" in page
-    assert "unfrozen 30.0%, frozen 35.0%; supported" in page
+    assert "unfrozen 30.0%, frozen 35.0%; supported (zipper-frozen vs zipper-unfrozen: ΔWER +15.00%" in page
+    assert "Zipper 30.0%, single decoder 40.0%; supported (single-decoder vs zipper-unfrozen" in page
     assert "![wer_vs_aligned.png](plots/wer_vs_aligned.png)" in page and (run / "plots" / "wer_vs_aligned.png").exists()

@@ -65,11 +65,11 @@ def claims(table: dict, fractions: list[float]) -> list[str]:
         if z is not None and s is not None:
             lines.append(f"- **TTS clearly better for Zipper ({row}; paper: 17.70-27.87 vs 32.35-33.38 vs gold).** "
                          f"At fraction {top:g}: Zipper {z:.1%}, single decoder {s:.1%}; "
-                         f"{'supported' if z < s else 'not supported'} by these numbers.")
+                         f"{_better(rows, 'zipper-unfrozen', 'single-decoder', top)}.")
         if z is not None and fz is not None:
             lines.append(f"- **TTS better with the speech tower unfrozen ({row}; paper: 20.14 vs 27.87).** "
                          f"At fraction {top:g}: unfrozen {z:.1%}, frozen {fz:.1%}; "
-                         f"{'supported' if z < fz else 'not supported'} by these numbers.")
+                         f"{_better(rows, 'zipper-unfrozen', 'zipper-frozen', top)}.")
     if len(fractions) > 1 and asr:
         low = min(fractions)
         deg = {m: (w(asr, m, low), w(asr, m, top)) for m in ("zipper-unfrozen", "single-decoder")}
@@ -80,6 +80,21 @@ def claims(table: dict, fractions: list[float]) -> list[str]:
                          f"WER).** ASR WER from fraction {top:g} to {low:g}: Zipper {zt:.1%} -> {zl:.1%}, single "
                          f"decoder {st:.1%} -> {sl:.1%}; {'supported' if graceful else 'not supported'} by these numbers.")
     return lines
+
+
+def _better(rows, a, b, f) -> str:
+    """'a better than b' judged by the paired tests when one of them is the reference; else by the WERs."""
+    for x, y, sign in ((a, b, 1), (b, a, -1)):
+        r = rows.get((y, f), {}).get("vs_reference")
+        if r is not None and rows.get((x, f), {}).get("vs_reference") is None:
+            test = (f"{y} vs {x}: ΔWER {r['delta_wer']:+.2%}, Wilcoxon p {r['wilcoxon']['p']:.3g}, bootstrap p "
+                    f"{r['bootstrap']['p_two_sided']:.3g}")
+            if r["verdict"] == "n.s.":
+                return f"not shown ({test}: no significant difference)"
+            held = (r["verdict"] == "worse") == (sign == 1)
+            return f"{'supported' if held else 'contradicted'} ({test}: {y} significantly {r['verdict']})"
+    wa, wb = rows[(a, f)]["wer"], rows[(b, f)]["wer"]
+    return f"{'supported' if wa < wb else 'not supported'} by the WERs alone (no paired test between them)"
 
 
 def _verdict(rows, a, b, f) -> str:

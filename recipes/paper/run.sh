@@ -94,7 +94,9 @@ fi
 
 if [ "$stage" -le 7 ] && [ "$stop_stage" -ge 7 ]; then
   echo "== stage 7: compare (reference: ${tags[0]}) and write RESULTS.md"
-  $zipper eval --run-dir "$run_dir" --compare "$(IFS=,; echo "${tags[*]}")" --tag paper
+  # --force: the comparison is derived from the evals above, so it is redone whenever the set of models
+  # changes (e.g. fractions added to a finished run); nothing else is recomputed.
+  $zipper eval --run-dir "$run_dir" --compare "$(IFS=,; echo "${tags[*]}")" --tag paper --force
   out="$run_dir/RESULTS.md"
   if [ "$publish" = 1 ]; then out=recipes/paper/RESULTS.md; fi
   $python recipes/paper/results.py --run-dir "$run_dir" --compare paper --out "$out" \
