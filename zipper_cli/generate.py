@@ -120,22 +120,13 @@ class Generator(abc.ABC):
             mask[specials("text")[0]] = False
         return mask
 
-    def _logit_bias(self, m: str, device) -> tuple[torch.Tensor, torch.Tensor]:
-        """Additive float32 masks [V] of modality m: 0 where allowed, -inf elsewhere; the second also
-        forbids m's end token (before min_new_tokens). One add per step instead of a masked fill."""
-        allowed = self.allowed(m)
-        bias = torch.zeros(allowed.shape, dtype=torch.float32).masked_fill_(~allowed, float("-inf"))
-        noend = bias.clone()
-        noend[self.begin_end(m)[1]] = float("-inf")
-        return bias.to(device), noend.to(device)
-
     def generate(self, inputs: Sequence[Sequence[int]], input_modality: str, outputs: Sequence[str],
                  cfg: Optional[GenerationConfig] = None, return_logits: bool = False) -> list[Generation]:
         """Generate `outputs` (modalities, in order) after each input (raw tokens of input_modality)."""
         cfg = (cfg or GenerationConfig()).validate()
         plan = self._plan(input_modality, list(outputs))
         dev = next(self.model.parameters()).device
-        self._bias = {m: self._logit_bias(m, dev) for m in set(plan.segs)}
+        self._masks = {m: self.allowed(m).to(dev) for m in set(plan.segs)}
         rows = [self._row(i, np.asarray(x, dtype=np.int64).reshape(-1), plan, input_modality, cfg)
                 for i, x in enumerate(inputs)]
         if any(r.cut for r in rows):

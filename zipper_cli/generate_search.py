@@ -94,16 +94,14 @@ def _apply(plan: Plan, gen: "Generator", r: Row, tok: int, lp: float) -> None:
 def _masked(gen: "Generator", plan: Plan, rows: list[Row], logits: torch.Tensor, cfg) -> torch.Tensor:
     """Raw logits [R, V] of rows in the same modality -> float logits with disallowed ids at -inf."""
     m = plan.segs[rows[0].k]
-    bias, bias_noend = gen._bias[m]
+    x = logits.float().masked_fill(~gen._masks[m], float("-inf"))
     if cfg.min_new_tokens:
         noend = [i for i, r in enumerate(rows) if r.count < min(cfg.min_new_tokens, r.limits[r.k])]
         if len(noend) == len(rows):
-            return logits.float() + bias_noend
-        if noend:
-            x = logits.float() + bias
+            x[:, gen.begin_end(m)[1]] = float("-inf")
+        elif noend:
             x[noend, gen.begin_end(m)[1]] = float("-inf")
-            return x
-    return logits.float() + bias
+    return x
 
 
 def _groups(plan: Plan, rows: list[Row], last: list) -> dict[str, list[int]]:

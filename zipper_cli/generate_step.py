@@ -85,8 +85,7 @@ class DecodeWeights:
     small: op count and operand layout are most of their cost.
     float32 on CPU: each RMSNorm's weight, times sqrt(C), is folded into the matrix after it, so that the
     norm is three ops, x / hypot(|x|, sqrt(C eps)) (= x / sqrt(mean(x^2) + eps) / sqrt(C)); and the
-    rotation matrices of all cache positions are precomputed (when they take at most 64 MiB); the query
-    columns of each qkv matrix carry attention's 1/sqrt(head_dim) (w["q_scale"] = 1 then)."""
+    rotation matrices of all cache positions are precomputed (when they take at most 64 MiB)."""
 
     def __init__(self, tower: Tower, cache_len: int):
         wte = tower.wte.weight
@@ -104,12 +103,9 @@ class DecodeWeights:
         for b in tower.blocks:
             a, mlp = b.attn, b.mlp
             norm1, qkv = norm_mat(b.norm1, a.qkv.weight)
-            if self.fold:  # the copy is ours: fold attention's 1/sqrt(hd) into the query columns too
-                qkv[:, :a.n_head * a.head_dim] *= a.head_dim ** -0.5
             norm2, gate_up = norm_mat(b.norm2, mlp.gate.weight, mlp.up.weight)
             self.blocks.append(dict(norm1=norm1, qkv=qkv, proj=_mat(a.proj.weight), attn=a, norm2=norm2,
-                                    gate_up=gate_up, down=_mat(mlp.proj.weight),
-                                    q_scale=1.0 if self.fold else a.head_dim ** -0.5))
+                                    gate_up=gate_up, down=_mat(mlp.proj.weight)))
         self.norm_f, self.head = norm_mat(tower.norm_f, wte)
         self.S = cache_len
         hd = tower.cfg.head_dim
@@ -138,55 +134,34 @@ def block_step(w: dict, x: torch.Tensor, st: Step) -> torch.Tensor:
     masked out there anyway)."""
     a = w["attn"]
     B, T, C = x.shape
+    hd, H, Hkv = a.head_dim, a.n_head, a.n_kv_head
     cache = a.kv_cache
     if cache.k.shape[0] != B:
         raise RuntimeError(f"batch {B} does not match the KV cache batch {cache.k.shape[0]}")
-    if st.fast:
-        return _fast_block_step(w, x.view(B, C), st).view(B, 1, C)
-    hd, H, Hkv = a.head_dim, a.n_head, a.n_kv_head
     qkv = _rms(x, w["norm1"]) @ w["qkv"]
-    qk = apply_rope(qkv[..., :(H + Hkv) * hd].view(B, T, H + Hkv, hd).transpose(1, 2), st.cos, st.sin)
-    q, k = qk.split([H, Hkv], dim=1)
-    v = qkv[..., (H + Hkv) * hd:].view(B, T, Hkv, hd).transpose(1, 2)
-    idx = st.index(Hkv, hd)
-    cache.k.scatter_(2, idx, k if k.dtype == cache.k.dtype else k.to(cache.k.dtype))
-    cache.v.scatter_(2, idx, v if v.dtype == cache.v.dtype else v.to(cache.v.dtype))
+    if st.fast:
+        qk = qkv[:, 0, :(H + Hkv) * hd].view(B, H + Hkv, hd) @ st.rot  # rotary as one matmul
+        q, k = qk[:, :H, None], qk[:, H:, None]  # [B, H, 1, hd]
+        v = qkv[:, 0, (H + Hkv) * hd:].view(B, Hkv, 1, hd)
+        p = st.p
+        cache.k[:, :, p:p + 1] = k
+        cache.v[:, :, p:p + 1] = v
+    else:
+        qk = apply_rope(qkv[..., :(H + Hkv) * hd].view(B, T, H + Hkv, hd).transpose(1, 2), st.cos, st.sin)
+        q, k = qk.split([H, Hkv], dim=1)
+        v = qkv[..., (H + Hkv) * hd:].view(B, T, Hkv, hd).transpose(1, 2)
+        idx = st.index(Hkv, hd)
+        cache.k.scatter_(2, idx, k if k.dtype == cache.k.dtype else k.to(cache.k.dtype))
+        cache.v.scatter_(2, idx, v if v.dtype == cache.v.dtype else v.to(cache.v.dtype))
     kc, vc = cache.k[:, :, :st.L], cache.v[:, :, :st.L]
     if kc.dtype != q.dtype:
         kc, vc = kc.to(q.dtype), vc.to(q.dtype)
     if Hkv != H:
         kc, vc = kc.repeat_interleave(H // Hkv, dim=1), vc.repeat_interleave(H // Hkv, dim=1)
-    y = F.scaled_dot_product_attention(q, kc, vc, attn_mask=st.mask, scale=w["q_scale"])
-    x = x + y.transpose(1, 2).reshape(B, T, H * hd) @ w["proj"]
+    y = F.scaled_dot_product_attention(q, kc, vc, attn_mask=None if st.fast else st.mask)
+    x = x + (y.reshape(B, 1, H * hd) if st.fast else y.transpose(1, 2).reshape(B, T, H * hd)) @ w["proj"]
     gate, up = (_rms(x, w["norm2"]) @ w["gate_up"]).chunk(2, dim=-1)
     return x + (F.silu(gate) * up) @ w["down"]
-
-
-def _fast_block_step(w: dict, x: torch.Tensor, st: Step) -> torch.Tensor:
-    """block_step's fast path (see Step) on x [B, C]: one token per row, all at cache slot st.p. Each op
-    here costs about as much as its arithmetic, so the path is written for few ops: rotary as one
-    matmul, single-query attention as two small products (sdpa's CPU kernel costs ~2x), residual adds
-    inside addmm."""
-    a = w["attn"]
-    B, C = x.shape
-    hd, H, Hkv = a.head_dim, a.n_head, a.n_kv_head
-    cache, p = a.kv_cache, st.p
-    qkv = _rms(x, w["norm1"]) @ w["qkv"]  # [B, (H + 2 Hkv) hd]
-    qk = qkv[:, :(H + Hkv) * hd].view(B, H + Hkv, hd) @ st.rot  # rotary at position p
-    cache.k[:, :, p] = qk[:, H:]
-    cache.v[:, :, p] = qkv[:, (H + Hkv) * hd:].view(B, Hkv, hd)
-    kc, vc = cache.k[:, :, :st.L], cache.v[:, :, :st.L]  # [B, Hkv, L, hd]
-    if kc.dtype != qk.dtype:
-        kc, vc = kc.to(qk.dtype), vc.to(qk.dtype)
-    if Hkv != H:
-        kc, vc = kc.repeat_interleave(H // Hkv, dim=1), vc.repeat_interleave(H // Hkv, dim=1)
-    att = qk[:, :H, None] @ kc.transpose(-1, -2)  # [B, H, 1, L]
-    if w["q_scale"] != 1.0:
-        att = att * w["q_scale"]
-    y = (att.softmax(dim=-1) @ vc).view(B, C)  # [B, H, 1, hd] -> [B, C]
-    x = torch.addmm(x, y, w["proj"])
-    gate, up = (_rms(x, w["norm2"]) @ w["gate_up"]).chunk(2, dim=-1)
-    return torch.addmm(x, F.silu(gate) * up, w["down"])
 
 
 def head_logits(w: DecodeWeights, h: torch.Tensor) -> torch.Tensor:
