@@ -248,6 +248,24 @@ def test_beam_one_is_greedy_and_more_beams_score_higher(zipper, input_modality, 
     assert toks(gen.generate(inputs, input_modality, outputs, nocache)) == toks(beam4)
 
 
+def test_learned_clock_survives_beam_reorders_and_batching():
+    """--xattn-pos learned: the cache carries one clock per row; beams reorder it, batching pads around it."""
+    model = make_zipper(zcfg=ZipperConfig(n_cross=2, xattn_pos={"text": 1.0, "speech": 0.37}, xattn_prior=4.0,
+                                          xattn_clock=True))
+    with torch.no_grad():
+        model.clock["speech"].weight.normal_(0, 0.5)  # content-dependent rates
+    inputs = rand_inputs("text", [4, 11, 0, 7])
+    gen = ZipperGenerator(model)
+    cfg = dataclasses.replace(CFG, strategy="beam", beam=4, length_penalty=0.0)
+    beam = gen.generate(inputs, "text", ["speech", "text"], cfg)
+    nocache = gen.generate(inputs, "text", ["speech", "text"], dataclasses.replace(cfg, use_cache=False))
+    assert toks(beam) == toks(nocache)
+    assert [r.logprob for r in beam] == pytest.approx([r.logprob for r in nocache], abs=1e-6)
+    batched = gen.generate(inputs, "text", ["speech"], CFG, return_logits=True)
+    single = gen.generate(inputs, "text", ["speech"], dataclasses.replace(CFG, batch_size=1), return_logits=True)
+    assert_same(batched, single)
+
+
 def test_beam_length_penalty_and_single_decoder(single):
     model, vocab = single
     gen = SingleDecoderGenerator(model, vocab)
