@@ -72,7 +72,7 @@ class FuseConfig:
     comes from a learned clock that starts at that ratio: ZipperConfig.xattn_clock) or none (the paper's
     position-blind cross-attention)."""
     xattn_prior: float = 0.0
-    """--xattn-prior: with --xattn-pos auto, start cross-attention as a soft diagonal of this many logits."""
+    """--xattn-prior: with --xattn-pos auto or learned, start cross-attention as a soft diagonal of this many logits."""
     gate_init: float = 0.0
     """--gate-init: 0 = closed tanh gates (the paper's); else open gates over zero-initialised branch outputs."""
     clock_weight: float = 0.0
