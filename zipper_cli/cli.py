@@ -159,7 +159,7 @@ def fuse(
     xattn_pos: str = typer.Option("none", "--xattn-pos", help="auto: rotary positions in cross-attention on a "
                                   "shared time axis (not in the paper); learned: the same, speech placed by a "
                                   "learned clock; none."),
-    xattn_prior: float = typer.Option(0.0, "--xattn-prior", help="With --xattn-pos auto: start cross-attention "
+    xattn_prior: float = typer.Option(0.0, "--xattn-prior", help="With --xattn-pos auto|learned: start cross-attention "
                                       "as a soft diagonal of this many logits."),
     clock_weight: float = typer.Option(0.0, "--clock-weight", help="With --xattn-pos learned: weight of the loss "
                                        "that makes the speech clock end at the transcript's length."),
