@@ -223,5 +223,8 @@ def test_zipper_under_two_gloo_processes_equals_one_process(pretrained, tmp_path
                          capture_output=True, text=True, timeout=600, env=env)
     assert res.returncode == 0, res.stderr[-3000:]
     w1, w2 = (load_checkpoint(r / "fused" / "zipper-freeze-text" / "model.pt") for r in runs.values())
+    # Equal up to float rounding: the all-reduce sums gradients in another order, and Adam divides by
+    # sqrt(v), so weights whose gradients are near zero can move by a few 1e-5 (seen once: 1.4e-5). A real
+    # DDP bug (no averaging, wrong shards) moves weights by about lr x steps = 1e-2.
     for k in w1:
-        torch.testing.assert_close(w1[k], w2[k], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(w1[k], w2[k], rtol=1e-3, atol=1e-4)
