@@ -82,31 +82,39 @@ def claims(table: dict, fractions: list[float]) -> list[str]:
     return lines
 
 
-def _better(rows, a, b, f) -> str:
-    """'a better than b' judged by the paired tests when one of them is the reference; else by the WERs."""
-    for x, y, sign in ((a, b, 1), (b, a, -1)):
+def _paired(rows, a, b, f):
+    """The paired test between a and b at fraction f, when one of them is the reference: (the other one,
+    its vs_reference result, the test as text); else None."""
+    for x, y in ((a, b), (b, a)):
         r = rows.get((y, f), {}).get("vs_reference")
         if r is not None and rows.get((x, f), {}).get("vs_reference") is None:
-            test = (f"{y} vs {x}: ΔWER {r['delta_wer']:+.2%}, Wilcoxon p {r['wilcoxon']['p']:.3g}, bootstrap p "
-                    f"{r['bootstrap']['p_two_sided']:.3g}")
-            if r["verdict"] == "n.s.":
-                return f"not shown ({test}: no significant difference)"
-            held = (r["verdict"] == "worse") == (sign == 1)
-            return f"{'supported' if held else 'contradicted'} ({test}: {y} significantly {r['verdict']})"
-    wa, wb = rows[(a, f)]["wer"], rows[(b, f)]["wer"]
-    return f"{'supported' if wa < wb else 'not supported'} by the WERs alone (no paired test between them)"
+            return y, r, (f"{y} vs {x}: ΔWER {r['delta_wer']:+.2%}, Wilcoxon p {r['wilcoxon']['p']:.3g}, "
+                          f"bootstrap p {r['bootstrap']['p_two_sided']:.3g}")
+    return None
+
+
+def _better(rows, a, b, f) -> str:
+    """'a better than b' judged by the paired tests when one of them is the reference; else by the WERs."""
+    paired = _paired(rows, a, b, f)
+    if paired is None:
+        wa, wb = rows[(a, f)]["wer"], rows[(b, f)]["wer"]
+        return f"{'supported' if wa < wb else 'not supported'} by the WERs alone (no paired test between them)"
+    y, r, test = paired
+    if r["verdict"] == "n.s.":
+        return f"not shown ({test}: no significant difference)"
+    held = (r["verdict"] == "worse") == (y == b)  # b, the other one, significantly worse than a
+    return f"{'supported' if held else 'contradicted'} ({test}: {y} significantly {r['verdict']})"
 
 
 def _verdict(rows, a, b, f) -> str:
     """'About equal' judged by the paired tests of a against b (when one of them is the reference)."""
-    for x, y in ((a, b), (b, a)):
-        r = rows.get((y, f), {}).get("vs_reference")
-        if r is not None and rows.get((x, f), {}).get("vs_reference") is None:
-            held = "supported (no significant difference)" if r["verdict"] == "n.s." else \
-                f"not supported ({y} significantly {r['verdict']})"
-            return (f"{y} vs {x}: ΔWER {r['delta_wer']:+.2%}, Wilcoxon p {r['wilcoxon']['p']:.3g}, bootstrap p "
-                    f"{r['bootstrap']['p_two_sided']:.3g}: {held}")
-    return "no direct paired test (neither is the reference)"
+    paired = _paired(rows, a, b, f)
+    if paired is None:
+        return "no direct paired test (neither is the reference)"
+    y, r, test = paired
+    held = "supported (no significant difference)" if r["verdict"] == "n.s." else \
+        f"not supported ({y} significantly {r['verdict']})"
+    return f"{test}: {held}"
 
 
 def main() -> None:

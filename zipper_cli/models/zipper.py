@@ -147,10 +147,7 @@ class GatedCrossBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, ctx: torch.Tensor, mask: torch.Tensor, pos_x: Optional[torch.Tensor] = None,
                 pos_y: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Training use; positions on the shared axis default to each side's 0..T-1."""
-        if self.use_pos:
-            pos_x = torch.arange(x.shape[1], device=x.device) if pos_x is None else pos_x
-            pos_y = torch.arange(ctx.shape[1], device=ctx.device) if pos_y is None else pos_y
+        """Training use: pos_x, pos_y are both sides' positions on the shared axis (Zipper.axis_positions)."""
         return self.attend(x, *self.context_kv(ctx, pos_y), mask, pos_x)
 
 
