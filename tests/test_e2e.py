@@ -28,11 +28,13 @@ def test_five_verbs_end_to_end(tmp_path):
     zipper("tokenize", *run, "--corpus", f"manifest:{manifest}", "--units", "16", "--text-vocab", "40", cwd=tmp_path)
     zipper("pretrain", *run, "--tower", "text", *train, cwd=tmp_path)
     zipper("pretrain", *run, "--tower", "speech", *train, cwd=tmp_path)
-    fusion = ["--freeze", "text", "--xattn-pos", "learned", "--xattn-prior", "8", "--gate-init", "0.5"]  # the demo's
+    fusion = ["--freeze", "text", "--xattn-pos", "learned", "--xattn-prior", "8", "--gate-init", "0.5",
+              "--ctc-weight", "0.3"]  # the demo's
     zipper("fuse", *run, *fusion, "--steps", "6", "--max-tokens", "512", "--eval-every", "3",
            "--ckpt-every", "3", cwd=tmp_path)
     small = ["--max-len-min", "text=4,speech=8", "--max-new-tokens", "8", "--vocoder-steps", "20"]
-    zipper("decode", *run, "--outputs", "text", "--tag", "asr", *small, cwd=tmp_path)
+    joint = ["--strategy", "beam", "--beam", "2", "--ctc-weight", "0.3"]  # the demo's ASR search
+    zipper("decode", *run, "--outputs", "text", "--tag", "asr", *joint, *small, cwd=tmp_path)
     zipper("decode", *run, "--outputs", "speech", "--tag", "tts", *small, cwd=tmp_path)
     res = zipper("eval", *run, "--decode", "asr", "--decode", "tts", "--tag", "all", "--judge-steps", "10", cwd=tmp_path)
 
@@ -52,7 +54,7 @@ def test_five_verbs_end_to_end(tmp_path):
     again = zipper("fuse", *run, *fusion, "--steps", "6", "--max-tokens", "512", "--eval-every", "3",
                    "--ckpt-every", "3", cwd=tmp_path)
     assert "already done" in again.stdout
-    again = zipper("decode", *run, "--outputs", "text", "--tag", "asr", *small, cwd=tmp_path)
+    again = zipper("decode", *run, "--outputs", "text", "--tag", "asr", *joint, *small, cwd=tmp_path)
     assert "already done" in again.stdout
 
     # A user's own WAV in, text out; a user's sentence in, WAV out.
@@ -68,5 +70,8 @@ def test_five_verbs_end_to_end(tmp_path):
     # Errors a user can meet, one line each.
     bad = zipper("decode", *run, "--model", "towers/text", "--outputs", "text", "--tag", "x", cwd=tmp_path, ok=False)
     assert bad.returncode == 2 and "is a unimodal text tower" in bad.stderr and len(bad.stderr.splitlines()) == 1
+    bad = zipper("decode", *run, "--outputs", "speech", "--ctc-weight", "0.3", "--tag", "x", cwd=tmp_path, ok=False)
+    assert bad.returncode == 2 and len(bad.stderr.splitlines()) == 1
+    assert "--ctc-weight scores text transcribed from speech (ASR)" in bad.stderr
     bad = zipper("decode", *run, "--outputs", "video", cwd=tmp_path, ok=False)
     assert bad.returncode == 2 and "--outputs must be a comma list of text and speech" in bad.stderr

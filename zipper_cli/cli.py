@@ -207,6 +207,8 @@ def decode(
     max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", help="Fixed maximum per output."),
     batch_size: int = typer.Option(16, "--batch-size"),
     cache: bool = typer.Option(True, "--cache/--no-cache", help="KV caches (off: recompute every step)."),
+    ctc_weight: float = typer.Option(0.0, "--ctc-weight", help="ASR: joint CTC/attention decoding with the "
+                                     "Zipper's CTC head (0 = attention only)."),
     vocoder_steps: Optional[int] = typer.Option(None, "--vocoder-steps",
                                                 help="Unit vocoder training steps, if the run has no vocoder yet."),
     force: bool = Force,
@@ -225,7 +227,8 @@ def decode(
                            top_k=top_k, top_p=top_p, seed=seed,
                            max_len_ratio=parse_modality_map(max_len_ratio, "--max-len-ratio"),
                            max_len_min=parse_modality_map(max_len_min, "--max-len-min", cast=int),
-                           max_new_tokens=max_new_tokens, batch_size=batch_size, use_cache=cache)
+                           max_new_tokens=max_new_tokens, batch_size=batch_size, use_cache=cache,
+                           ctc_weight=ctc_weight)
     cfg = DecodeConfig(model=model, outputs=outputs, split=split, wavs=tuple(str(w) for w in wav), texts=tuple(texts),
                        limit=limit, tag=tag, vocoder_steps=vocoder_steps, gen=gen)
     run(run_dir, cfg, force=force)

@@ -47,7 +47,9 @@ import numpy as np
 import torch
 
 from zipper_cli import generate_cache as gc
+from zipper_cli.ctc_prefix import CTCPrefixScorer
 from zipper_cli.errors import ZipperError
+from zipper_cli.fusion_data import ASR, Example, tower_batch
 from zipper_cli.generate_config import MODALITIES, STRATEGIES, Generation, GenerationConfig, parse_modality_map
 from zipper_cli.generate_search import Plan, Row, beam_search, length_penalty, sample_loop
 from zipper_cli.models.single_decoder import SingleDecoderVocab
@@ -132,6 +134,10 @@ class Generator(abc.ABC):
         if any(r.cut for r in rows):
             warnings.warn(f"generate: {sum(r.cut for r in rows)} example(s) too long for the model: their "
                           "maximum output lengths were cut to fit max_seq_len", stacklevel=2)
+        ctc = cfg.ctc_weight > 0
+        if ctc and (input_modality != "speech" or plan.segs[plan.first] != "text"):
+            raise ZipperError(f"--ctc-weight scores text transcribed from speech (ASR): it needs speech in and "
+                              f"text as the first output, not {input_modality} -> {','.join(outputs)}")
         order = sorted(range(len(rows)), key=lambda i: -len(rows[i].pending))  # similar lengths batch together
         results: list[Optional[Generation]] = [None] * len(rows)
         was_training = self.model.training
@@ -140,16 +146,24 @@ class Generator(abc.ABC):
         try:
             for s in range(0, len(order), cfg.batch_size):
                 batch = [rows[i] for i in order[s:s + cfg.batch_size]]
+                scorer = self.ctc_scorer([inputs[r.idx] for r in batch]) if ctc else None
+                for j, r in enumerate(batch):
+                    r.ctc = scorer.initial(j) if scorer is not None else None
                 if cfg.strategy == "beam":
-                    done = beam_search(self, plan, engine, batch, cfg)
+                    done = beam_search(self, plan, engine, batch, cfg, scorer)
                 else:
-                    done = sample_loop(self, plan, engine, batch, cfg, return_logits)
+                    done = sample_loop(self, plan, engine, batch, cfg, return_logits, scorer)
                 for r in done:
                     results[r.idx] = self._result(plan, r, cfg)
         finally:
             engine.close()
             self.model.train(was_training)
         return results
+
+    def ctc_scorer(self, inputs: Sequence[Sequence[int]]) -> CTCPrefixScorer:
+        """CTC posteriors of speech inputs (raw units), for --ctc-weight."""
+        raise ZipperError("--ctc-weight needs a Zipper fused with --ctc-weight > 0 (a CTC head on its speech "
+                          "tower); this model has none")
 
     def _plan(self, input_modality: str, outputs: list[str]) -> Plan:
         for m in [input_modality, *outputs]:
@@ -262,6 +276,21 @@ class ZipperGenerator(Generator):
 
     def tower_of(self, m):
         return m
+
+    def ctc_scorer(self, inputs):
+        """The CTC head's log-probs over each input's speech positions ([begin] units [end]), read exactly
+        as in training: the example [speech][text] with no text yet (speech comes first, so its states do
+        not depend on the text)."""
+        if self.model.ctc_head is None:
+            return super().ctc_scorer(inputs)
+        dev = next(self.model.parameters()).device
+        empty = np.zeros(0, dtype=np.int64)
+        examples = [Example(ASR, empty, np.asarray(x, dtype=np.int64), str(i)) for i, x in enumerate(inputs)]
+        batch = {m: tuple(t.to(dev) for t in tower_batch(examples, m)[:3]) for m in ("text", "speech")}
+        with torch.no_grad():
+            logits = self.model(batch, with_ctc=True)["ctc"].float().log_softmax(-1).cpu()  # [B, T, V_text]
+        lengths = batch["speech"][1].sum(1).tolist()
+        return CTCPrefixScorer([logits[i, :n] for i, n in enumerate(lengths)])
 
     def raw_size(self, m):
         return self.model.towers[m].cfg.vocab_size - (SPEECH_OFFSET if m == "speech" else 0)

@@ -63,6 +63,10 @@ class GenerationConfig:
     """--batch-size: examples decoded together (beam search runs batch_size * beam rows)."""
     use_cache: bool = True
     """--no-cache turns this off: recompute the whole forward pass at every step (reference path)."""
+    ctc_weight: float = 0.0
+    """--ctc-weight: joint CTC/attention decoding of text from speech (ASR) with a Zipper fused with
+    --ctc-weight: each text token is chosen by (1 - w) * attention log-prob + w * the gain in CTC prefix
+    log-probability (ctc_prefix.py). 0 = attention only. Greedy and beam search; 1 = CTC prefix scores only."""
 
     def validate(self) -> "GenerationConfig":
         if self.strategy not in STRATEGIES:
@@ -88,6 +92,10 @@ class GenerationConfig:
             raise ZipperError(f"--max-new-tokens ({self.max_new_tokens!r}) must be a positive integer")
         if not isinstance(self.min_new_tokens, int) or self.min_new_tokens < 0:
             raise ZipperError(f"--min-new-tokens ({self.min_new_tokens!r}) must be a non-negative integer")
+        if not (0 <= self.ctc_weight <= 1):
+            raise ZipperError(f"--ctc-weight ({self.ctc_weight!r}) must be in [0, 1]")
+        if self.ctc_weight > 0 and self.strategy == "sample":
+            raise ZipperError("--ctc-weight works with --strategy greedy or beam, not sample")
         if not _pos_int(self.batch_size):
             raise ZipperError(f"--batch-size ({self.batch_size!r}) must be a positive integer")
         return self
@@ -115,7 +123,8 @@ class Generation:
     """Per output, the maximum length it was allowed."""
     logprob: float
     """Sum of the log-probabilities of the chosen tokens (end tokens included, forced tokens excluded)
-    under the model's distribution restricted to the output modality, temperature 1."""
+    under the model's distribution restricted to the output modality, temperature 1 (with --ctc-weight,
+    the joint CTC/attention scores of the text tokens)."""
     score: float
     """logprob / ((5 + n) / 6) ** length_penalty for beam search (n chosen tokens); logprob otherwise."""
     logits: Optional[list[torch.Tensor]] = None

@@ -5,6 +5,9 @@ and the vocabulary layout of a generate.Generator (begin_end, tower_of, vocab_si
                 uniform streams seeded by (seed, example index))
   beam_search   batched beam search with GNMT length normalisation; one beam gives exactly greedy
 
+Both take an optional CTCPrefixScorer (greedy and beam only): text outputs of speech inputs are then
+chosen by the joint CTC/attention score (ctc_prefix.py), each Row carrying its prefix's CTC state.
+
 Plan is the example's segment layout (which modality and tower each segment of the linear sequence is),
 Row one hypothesis's state (tokens per output, pending tokens to feed, log-probability).
 """
@@ -12,10 +15,11 @@ Row one hypothesis's state (tokens per output, pending tokens to feed, log-proba
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable, Optional
 
 import torch
 
+from zipper_cli.ctc_prefix import CTCPrefixScorer, CTCState
 from zipper_cli.generate_config import GenerationConfig
 
 if TYPE_CHECKING:  # generate.py imports this module
@@ -43,18 +47,19 @@ class Row:
     """One hypothesis of one example: tokens per segment, tokens queued to feed, score so far."""
 
     __slots__ = ("idx", "k", "count", "out", "ended", "pending", "done", "logprob", "nfree", "limits", "logits",
-                 "cut")
+                 "cut", "ctc")
 
     def __init__(self, idx: int, k: int, n_segs: int, limits: list[int], pending: list):
         self.idx, self.k, self.count, self.limits, self.pending = idx, k, 0, limits, pending
         self.out = [[] for _ in range(n_segs)]
         self.ended = [False] * n_segs
         self.done, self.logprob, self.nfree, self.logits, self.cut = False, 0.0, 0, [], False
+        self.ctc: Optional[CTCState] = None  # CTC prefix state of the current text output (--ctc-weight)
 
     def clone(self) -> "Row":
         r = Row.__new__(Row)
-        r.idx, r.k, r.count, r.limits, r.done, r.logprob, r.nfree, r.cut = (
-            self.idx, self.k, self.count, self.limits, self.done, self.logprob, self.nfree, self.cut)
+        r.idx, r.k, r.count, r.limits, r.done, r.logprob, r.nfree, r.cut, r.ctc = (
+            self.idx, self.k, self.count, self.limits, self.done, self.logprob, self.nfree, self.cut, self.ctc)
         r.out, r.ended, r.pending, r.logits = [list(o) for o in self.out], list(self.ended), list(self.pending), []
         return r
 
@@ -102,6 +107,46 @@ def _masked(gen: "Generator", plan: Plan, rows: list[Row], logits: torch.Tensor,
         elif noend:
             x[noend, gen.begin_end(m)[1]] = float("-inf")
     return x
+
+
+CTC_CANDIDATES = 256
+"""Labels per hypothesis and step that get a CTC prefix score: the likeliest under attention (ESPnet's
+pre-beam; the recursion costs O(frames) per label), so every label of a vocabulary this size or smaller.
+The rest keep -inf, as do the masked ids."""
+
+
+def _ctc_joint(gen: "Generator", rows: list[Row], lp: torch.Tensor, weight: float,
+               scorer: CTCPrefixScorer) -> tuple[torch.Tensor, Callable[[int, int], Optional[CTCState]]]:
+    """Attention log-probs lp [R, V] of text rows -> the rows' scores: for rows with a CTC state,
+    (1 - w) * lp + w * CTC prefix gain, the others' lp unchanged; and child(j, token): row j's CTC state
+    after choosing token (None for the end token, and for rows without one)."""
+    lp = lp.cpu()
+    sel = [j for j, r in enumerate(rows) if r.ctc is not None]
+    if not sel:
+        return lp, lambda j, tok: None
+    R, V = len(sel), lp.shape[1]
+    end = gen.begin_end("text")[1]
+    att = lp[sel]
+    cands = att.masked_fill(torch.arange(V) == end, float("-inf")).topk(min(CTC_CANDIDATES, V), dim=-1).indices
+    states = [rows[j].ctc for j in sel]
+    psi, r_n, r_b = scorer.extend(states, cands)  # [R, K], [R, K, T] x 2
+    prev = torch.tensor([s.psi for s in states])[:, None]  # [R, 1]
+    gain = torch.full((R, V), float("-inf")).scatter(1, cands, psi - prev)
+    gain[:, end] = torch.tensor([scorer.final(s) - s.psi for s in states])
+    out = lp.clone()
+    out[sel] = torch.where(torch.isfinite(att) & torch.isfinite(gain), (1 - weight) * att + weight * gain,
+                           float("-inf"))
+    at = {j: i for i, j in enumerate(sel)}
+    where = [{c: k for k, c in enumerate(row)} for row in cands.tolist()]
+
+    def child(j: int, tok: int) -> Optional[CTCState]:
+        i = at.get(j)
+        if i is None or tok == end:
+            return None
+        k = where[i][tok]
+        return scorer.state(states[i], tok, psi[i, k].item(), r_n[i, k], r_b[i, k])
+
+    return out, child
 
 
 def _groups(plan: Plan, rows: list[Row], last: list) -> dict[str, list[int]]:
@@ -161,7 +206,8 @@ def _uniforms(rows: list[Row], cfg: GenerationConfig) -> torch.Tensor:
     return out
 
 
-def sample_loop(gen, plan, engine, rows, cfg, return_logits) -> list[Row]:
+def sample_loop(gen, plan, engine, rows, cfg, return_logits, scorer=None) -> list[Row]:
+    """Greedy or sampling; with a CTC scorer (greedy only) text outputs take the joint-score argmax."""
     engine.start(len(rows), _cache_len(gen, plan, rows))
     U = _uniforms(rows, cfg) if cfg.strategy == "sample" else None
     prefill = True
@@ -174,6 +220,9 @@ def sample_loop(gen, plan, engine, rows, cfg, return_logits) -> list[Row]:
             raw = raw if len(idx) == raw.shape[0] else raw[idx]  # idx is sorted: all rows = every row
             x = _masked(gen, plan, group, raw, cfg)
             lp = x.log_softmax(-1)
+            child = None
+            if scorer is not None and m == "text":
+                lp, child = _ctc_joint(gen, group, lp, cfg.ctc_weight, scorer)
             if U is None:
                 lpc, c = lp.max(-1)  # greedy: the first of equal maxima, as argmax
             else:
@@ -185,17 +234,20 @@ def sample_loop(gen, plan, engine, rows, cfg, return_logits) -> list[Row]:
                 if return_logits:
                     r.logits.append(raw[j].cpu())
                 _apply(plan, gen, r, t, lps[j])
+                if child is not None:
+                    r.ctc = child(j, t)
         if all(r.done for r in rows):
             return rows
 
 
-def beam_search(gen, plan, engine, rows, cfg) -> list[Row]:
+def beam_search(gen, plan, engine, rows, cfg, scorer=None) -> list[Row]:
     """Beam search, batch_size examples x cfg.beam beams. Per step: every live beam's candidates (its
     log-probs over its modality, or its single forced token at log-prob 0) are scored, the top 2N per
     example are scanned in order: a candidate that ends the hypothesis (end of the last output, or its
     maximum length) joins the finished list if within the top N, the others fill the N beams. An example
     is done when it has N finished hypotheses and no live beam's normalised score beats the worst of
-    them (HF's rule), or no live beam is left. With N = 1 this is greedy, token for token."""
+    them (HF's rule), or no live beam is left. With N = 1 this is greedy, token for token. With a CTC
+    scorer, text candidates are scored by the joint CTC/attention score (as greedy does)."""
     N, B = cfg.beam, len(rows)
     engine.start(B, _cache_len(gen, plan, rows))
     last, logits = _feed(engine, plan, rows, prefill=True)
@@ -213,9 +265,13 @@ def beam_search(gen, plan, engine, rows, cfg) -> list[Row]:
     V = max(gen.vocab_size(n) for n in set(plan.tower))
     while True:
         cand = torch.full((B * N, V), float("-inf"))
+        children = {}  # beam -> (child function of its group, its row in the group)
         for m, idx in _groups(plan, beams, last).items():
             group = [beams[i] for i in idx]
             lp = _masked(gen, plan, group, logits[gen.tower_of(m)][idx], cfg).log_softmax(-1).cpu()
+            if scorer is not None and m == "text":
+                lp, child = _ctc_joint(gen, group, lp, cfg.ctc_weight, scorer)
+                children.update((i, (child, j)) for j, i in enumerate(idx))
             cand[idx, :lp.shape[1]] = lp
         for i, r in enumerate(beams):
             if not r.done and r.pending:  # forced token: one candidate, log-prob 0
@@ -233,6 +289,8 @@ def beam_search(gen, plan, engine, rows, cfg) -> list[Row]:
                     r = beams[i].clone()
                     if not r.pending:
                         _apply(plan, gen, r, tok, cand[i, tok].item())
+                        if i in children:
+                            r.ctc = children[i][0](children[i][1], tok)
                     if r.done:
                         if rank < N:
                             finished[b].append((s / length_penalty(r.nfree, cfg.length_penalty), r))

@@ -65,7 +65,10 @@ fi
 
 if [ "$stage" -le 5 ] && [ "$stop_stage" -ge 5 ]; then
   echo "== stage 5: decode the test split: ASR (speech -> text) and TTS (text -> speech -> WAV)"
-  $zipper decode --run-dir "$run_dir" --model fused/demo --outputs text --split test --tag demo-asr
+  # ASR by joint CTC/attention beam search: the CTC head trained in stage 4 vetoes transcripts the audio
+  # does not support (README, zipper decode --ctc-weight).
+  $zipper decode --run-dir "$run_dir" --model fused/demo --outputs text --split test --tag demo-asr \
+    --strategy beam --beam 4 --ctc-weight 0.3
   # The unit vocoder is trained here on first need; 1500 steps instead of the default 3000 keep the demo
   # short (the default's resynthesis WER is in README; fewer steps cost some intelligibility).
   $zipper decode --run-dir "$run_dir" --model fused/demo --outputs speech --split test --tag demo-tts \
