@@ -59,6 +59,13 @@ def test_deterministic_and_order_independent(judge, festival):
     assert PocketsphinxJudge().transcribe(festival[2]) == first[2]
 
 
+def test_worker_processes_give_the_one_by_one_transcripts(judge, festival):
+    wavs = (festival + [speechlike(1.0, seed=s) for s in range(3)]) * 3  # 18: two workers of 9
+    one_by_one = [judge.transcribe(w) for w in wavs]
+    assert PocketsphinxJudge(workers=2).transcribe_many(wavs) == one_by_one
+    assert PocketsphinxJudge(workers=1).transcribe_many(wavs) == one_by_one
+
+
 def test_same_file_twice_with_batch_cmn(judge, tmp_path):
     """cmn=batch and a fresh front end: the same WAV file gives the same transcript twice in one judge, with
     another file decoded in between (a new judge gives the same too: test_deterministic_and_order_independent)."""

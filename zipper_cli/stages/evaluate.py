@@ -95,6 +95,7 @@ def evaluate_run(run_dir: Path, cfg: EvalConfig, force: bool = False) -> dict | 
         report = {"run": str(run_dir), "decode": {}, "judges": {}}
         utter_rows = []
         judges = {}
+        resynth: dict = {}  # gold units through the vocoder, once per set of utterances for all judges
         for dtag, (dcfg, hyps, ddir) in decodes.items():
             section = {"model": dcfg.get("model"), "outputs": dcfg.get("outputs"), "split": dcfg.get("split")}
             refs = {r["id"]: r for r in read_jsonl(run_dir / "data" / f"{dcfg['split']}.jsonl")} if dcfg.get("split") else {}
@@ -107,7 +108,7 @@ def evaluate_run(run_dir: Path, cfg: EvalConfig, force: bool = False) -> dict | 
                         judges[jname] = load_judge(jname, run_dir, cfg.judge_steps)
                         report["judges"][jname] = judges[jname].info()
                     section.setdefault("tts", {})[jname], rows = _score_tts(run_dir, tok, dcfg["split"], hyps, refs, ddir,
-                                                                            judges[jname], jname)
+                                                                            judges[jname], jname, resynth)
                     utter_rows += [dict(r, decode=dtag) for r in rows]
             report["decode"][dtag] = section
         if cfg.perplexity:
@@ -146,7 +147,7 @@ def _cached_transcripts(run_dir: Path, key: dict, name: str, make) -> dict[str, 
     return result
 
 
-def _score_tts(run_dir, tok, split, hyps, refs, ddir, judge, jname) -> tuple[dict, list[dict]]:
+def _score_tts(run_dir, tok, split, hyps, refs, ddir, judge, jname, resynth: dict) -> tuple[dict, list[dict]]:
     from ..vocoder import run_vocoder
 
     vocoder = run_vocoder(run_dir)  # the one decode trained
@@ -159,7 +160,10 @@ def _score_tts(run_dir, tok, split, hyps, refs, ddir, judge, jname) -> tuple[dic
 
     def oracle():
         log(f"[eval] {jname}: transcribing {len(ids)} resyntheses of the gold units (oracle / target)")
-        return dict(zip(ids, judge.transcribe_many(vocoder.vocode_many([oracle_units[i] for i in ids]))))
+        key = (split, tuple(ids))
+        if key not in resynth:
+            resynth[key] = vocoder.vocode_many([oracle_units[i] for i in ids])
+        return dict(zip(ids, judge.transcribe_many(resynth[key])))
 
     def truth():
         log(f"[eval] {jname}: transcribing {len(ids)} ground-truth recordings")
