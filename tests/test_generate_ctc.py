@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from test_generate import one_thread  # noqa: F401 (its autouse fixture: one thread for tiny models)
 from test_generate import CFG, N_UNITS, V_TEXT, make_zipper, rand_inputs, randomize, toks
 from zipper_cli.ctc_prefix import CTCPrefixScorer
 from zipper_cli.errors import ZipperError
@@ -16,14 +17,6 @@ from zipper_cli.generate import GenerationConfig, SingleDecoderGenerator, Zipper
 from zipper_cli.models.single_decoder import SingleDecoderVocab, build_single_decoder
 from zipper_cli.models.tower import Tower, tower_preset
 from zipper_cli.models.zipper import ZipperConfig
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
