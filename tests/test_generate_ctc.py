@@ -111,3 +111,26 @@ def test_ctc_bad_requests_are_exact_errors(ctc_zipper):
     single = build_single_decoder(Tower(tower_preset("tiny", V_TEXT)), vocab).eval()
     with pytest.raises(ZipperError, match=no_head):
         SingleDecoderGenerator(single, vocab).generate([[1, 2]], "speech", ["text"], CTC)
+
+
+def test_ctc_prebeam_smaller_than_the_vocabulary(ctc_zipper, monkeypatch):
+    """With fewer CTC candidates than labels (large vocabularies), the rest are -inf: one beam is still
+    greedy, cached still uncached, and the chosen tokens are among the attention's top candidates."""
+    import zipper_cli.generate_search as gs
+
+    monkeypatch.setattr(gs, "CTC_CANDIDATES", 5)
+    gen = ZipperGenerator(ctc_zipper)
+    inputs = rand_inputs("speech", [12, 30, 5], seed=5)
+    greedy = gen.generate(inputs, "speech", ["text"], CTC, return_logits=True)
+    beam1 = gen.generate(inputs, "speech", ["text"], dataclasses.replace(CTC, strategy="beam", beam=1))
+    assert toks(beam1) == toks(greedy)
+    beam3 = dataclasses.replace(CTC, strategy="beam", beam=3)
+    nocache = gen.generate(inputs, "speech", ["text"], dataclasses.replace(beam3, use_cache=False))
+    assert toks(gen.generate(inputs, "speech", ["text"], beam3)) == toks(nocache)
+    end = 3  # text eos
+    for r in greedy:
+        for logits, tok in zip(r.logits, list(r.tokens[0]) + ([end] if r.ended[0] else [])):
+            masked = logits.float().masked_fill(~gen.allowed("text"), float("-inf"))  # raw logits: mask them
+            masked[end] = float("-inf")
+            if tok != end:
+                assert tok in masked.topk(5).indices.tolist()
