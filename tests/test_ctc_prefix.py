@@ -35,8 +35,8 @@ def _walk(scorer, example, prefix):
     s = scorer.initial(example)
     psis = []
     for lab in prefix:
-        psi, r_n, r_b = scorer.extend([s], torch.tensor([[lab]]))
-        s = scorer.state(s, lab, psi[0, 0].item(), r_n[0, 0], r_b[0, 0])
+        psi = scorer.extend([s], torch.tensor([[lab]]))
+        s = scorer.advance([s], [lab], [psi[0, 0].item()])[0]
         psis.append(s.psi)
     return psis, scorer.final(s)
 
@@ -77,12 +77,12 @@ def test_extend_scores_many_candidates_and_rows_at_once():
     xs = [torch.randn(7, 5).log_softmax(-1), torch.randn(6, 5).log_softmax(-1)]
     scorer = CTCPrefixScorer(xs)
     states = [scorer.initial(0), scorer.initial(1)]
-    psi, r_n, r_b = scorer.extend(states, torch.tensor([[1, 2, 3, 4], [4, 3, 2, 1]]))
+    psi = scorer.extend(states, torch.tensor([[1, 2, 3, 4], [4, 3, 2, 1]]))
     for i, cands in enumerate(([1, 2, 3, 4], [4, 3, 2, 1])):
         for j, c in enumerate(cands):
-            one, _, _ = scorer.extend([states[i]], torch.tensor([[c]]))
+            one = scorer.extend([states[i]], torch.tensor([[c]]))
             assert torch.equal(one[0, 0], psi[i, j])
     # one frame: only an empty prefix + one label, from frame 0
     one_frame = CTCPrefixScorer([torch.tensor([[-1.0, -0.5, -2.0]]).log_softmax(-1)])
-    psi, _, _ = one_frame.extend([one_frame.initial(0)], torch.tensor([[1, 2]]))
+    psi = one_frame.extend([one_frame.initial(0)], torch.tensor([[1, 2]]))
     assert torch.allclose(psi, one_frame.x[0, 0, 1:][None])

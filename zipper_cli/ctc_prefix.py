@@ -53,34 +53,43 @@ class CTCPrefixScorer:
         """log P(the transcript is exactly the prefix)."""
         return torch.logaddexp(state.r_n[-1], state.r_b[-1]).item()
 
-    def extend(self, states: list[CTCState], cands: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Prefix scores of every prefix + candidate label.
-
-        states: R prefixes; cands [R, K] labels (never the blank). Returns psi [R, K] (log P(transcript
-        starts with prefix + label)) and the extended prefixes' r_n, r_b [R, K, T]."""
-        R, K = cands.shape
-        ex = torch.tensor([s.example for s in states])
-        x = self.x[ex]  # [R, T, V]
-        xc = x.gather(2, cands[:, None, :].expand(R, self.T, K)).transpose(1, 2)  # [R, K, T]
-        xb = x[:, :, self.blank][:, None, :]  # [R, 1, T]
+    def _prefix_ends(self, states: list[CTCState], labels: torch.Tensor) -> torch.Tensor:
+        """phi [R, K, T] for labels [R, K]: log P(frames 0..t give the prefix and the label may start at
+        t + 1); a label equal to the prefix's last one needs a blank in between."""
         r_n = torch.stack([s.r_n for s in states])[:, None, :]  # [R, 1, T]
         r_b = torch.stack([s.r_b for s in states])[:, None, :]
-        last = torch.tensor([s.last for s in states])[:, None]  # [R, 1]
-        # phi[t]: the prefix is complete by frame t and the label may start at t + 1 (a repeated label
-        # needs a blank in between).
-        phi = torch.where(cands[:, :, None] == last[:, :, None], r_b, torch.logaddexp(r_n, r_b))  # [R, K, T]
-        empty = torch.tensor([s.last < 0 for s in states])[:, None]  # [R, 1]
-        new_n = torch.full((R, K, self.T), NEG)
-        new_b = torch.full((R, K, self.T), NEG)
-        new_n[:, :, 0] = torch.where(empty, xc[:, :, 0], NEG)  # only an empty prefix starts at frame 0
-        # log P(starts with prefix + label) = sum over the frame t where the label first appears.
-        start = phi[:, :, :-1] + xc[:, :, 1:]  # [R, K, T-1]: the label first emitted at frame t >= 1
-        psi = torch.logaddexp(new_n[:, :, 0], start.logsumexp(-1)) if self.T > 1 else new_n[:, :, 0].clone()
-        for t in range(1, self.T):
-            new_n[:, :, t] = torch.logaddexp(new_n[:, :, t - 1], phi[:, :, t - 1]) + xc[:, :, t]
-            new_b[:, :, t] = torch.logaddexp(new_b[:, :, t - 1], new_n[:, :, t - 1]) + xb[:, :, t]
-        return psi, new_n, new_b
+        last = torch.tensor([s.last for s in states])[:, None, None]  # [R, 1, 1]
+        return torch.where(labels[:, :, None] == last, r_b, torch.logaddexp(r_n, r_b))
 
-    @staticmethod
-    def state(parent: CTCState, label: int, psi: float, r_n: torch.Tensor, r_b: torch.Tensor) -> CTCState:
-        return CTCState(parent.example, r_n, r_b, psi, label)
+    def _label_frames(self, states: list[CTCState], labels: torch.Tensor) -> torch.Tensor:
+        """[R, K, T] log-probs of labels [R, K] at every frame of each state's example."""
+        R, K = labels.shape
+        x = self.x[torch.tensor([s.example for s in states])]  # [R, T, V]
+        return x.gather(2, labels[:, None, :].expand(R, self.T, K)).transpose(1, 2)
+
+    def extend(self, states: list[CTCState], cands: torch.Tensor) -> torch.Tensor:
+        """Prefix scores of every prefix + candidate label: states R prefixes, cands [R, K] labels (never the
+        blank) -> psi [R, K], log P(transcript starts with prefix + label). No recursion over frames:
+        psi sums over the frame where the label first appears."""
+        phi = self._prefix_ends(states, cands)  # [R, K, T]
+        xc = self._label_frames(states, cands)  # [R, K, T]
+        empty = torch.tensor([s.last < 0 for s in states])[:, None]  # [R, 1]
+        first = torch.where(empty, xc[:, :, 0], NEG)  # only an empty prefix's label may start at frame 0
+        if self.T == 1:
+            return first
+        return torch.logaddexp(first, (phi[:, :, :-1] + xc[:, :, 1:]).logsumexp(-1))
+
+    def advance(self, parents: list[CTCState], labels: list[int], psis: list[float]) -> list[CTCState]:
+        """The states of the chosen extensions parents[m] + labels[m] (psis[m]: their extend() scores), by
+        the recursion over frames, batched over the M children."""
+        lab = torch.tensor(labels)[:, None]  # [M, 1]
+        phi = self._prefix_ends(parents, lab)[:, 0]  # [M, T]
+        xc = self._label_frames(parents, lab)[:, 0]  # [M, T]
+        xb = self.x[torch.tensor([p.example for p in parents]), :, self.blank]  # [M, T]
+        new_n = torch.full_like(xc, NEG)
+        new_b = torch.full_like(xc, NEG)
+        new_n[:, 0] = torch.where(torch.tensor([p.last < 0 for p in parents]), xc[:, 0], NEG)
+        for t in range(1, self.T):
+            new_n[:, t] = torch.logaddexp(new_n[:, t - 1], phi[:, t - 1]) + xc[:, t]
+            new_b[:, t] = torch.logaddexp(new_b[:, t - 1], new_n[:, t - 1]) + xb[:, t]
+        return [CTCState(p.example, new_n[m], new_b[m], psis[m], labels[m]) for m, p in enumerate(parents)]

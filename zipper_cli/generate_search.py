@@ -15,7 +15,7 @@ Row one hypothesis's state (tokens per output, pending tokens to feed, log-proba
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 
@@ -115,38 +115,57 @@ pre-beam; the recursion costs O(frames) per label), so every label of a vocabula
 The rest keep -inf, as do the masked ids."""
 
 
+class _CTCStep:
+    """One step's CTC prefix scores of a group of rows: builds the states of the extensions chosen."""
+
+    def __init__(self, scorer: CTCPrefixScorer, rows: list[Row], sel: list[int], cands: torch.Tensor,
+                 psi: torch.Tensor, end: int):
+        self.scorer, self.end, self.psi = scorer, end, psi
+        self.parents = [rows[j].ctc for j in sel]
+        self.at = {j: i for i, j in enumerate(sel)}  # row of the group -> row of psi / cands
+        self.where = [{c: k for k, c in enumerate(row)} for row in cands.tolist()]
+
+    def states(self, picks: list[tuple[int, int]]) -> list[Optional[CTCState]]:
+        """picks (row j of the group, token) -> the CTC state after that token: None for the end token and
+        for rows without CTC. One batched recursion for all picks."""
+        todo = [(n, self.at[j], tok) for n, (j, tok) in enumerate(picks) if j in self.at and tok != self.end]
+        out: list[Optional[CTCState]] = [None] * len(picks)
+        if todo:
+            kids = self.scorer.advance([self.parents[i] for _, i, _ in todo], [tok for _, _, tok in todo],
+                                       [self.psi[i, self.where[i][tok]].item() for _, i, tok in todo])
+            for (n, _, _), kid in zip(todo, kids):
+                out[n] = kid
+        return out
+
+
 def _ctc_joint(gen: "Generator", rows: list[Row], lp: torch.Tensor, weight: float,
-               scorer: CTCPrefixScorer) -> tuple[torch.Tensor, Callable[[int, int], Optional[CTCState]]]:
+               scorer: CTCPrefixScorer) -> tuple[torch.Tensor, Optional[_CTCStep]]:
     """Attention log-probs lp [R, V] of text rows -> the rows' scores: for rows with a CTC state,
-    (1 - w) * lp + w * CTC prefix gain, the others' lp unchanged; and child(j, token): row j's CTC state
-    after choosing token (None for the end token, and for rows without one)."""
+    (1 - w) * lp + w * CTC prefix gain, the others' lp unchanged; and the step's _CTCStep (None when no
+    row has a CTC state)."""
     lp = lp.cpu()
     sel = [j for j, r in enumerate(rows) if r.ctc is not None]
     if not sel:
-        return lp, lambda j, tok: None
+        return lp, None
     R, V = len(sel), lp.shape[1]
     end = gen.begin_end("text")[1]
     att = lp[sel]
     cands = att.masked_fill(torch.arange(V) == end, float("-inf")).topk(min(CTC_CANDIDATES, V), dim=-1).indices
     states = [rows[j].ctc for j in sel]
-    psi, r_n, r_b = scorer.extend(states, cands)  # [R, K], [R, K, T] x 2
+    psi = scorer.extend(states, cands)  # [R, K]
     prev = torch.tensor([s.psi for s in states])[:, None]  # [R, 1]
     gain = torch.full((R, V), float("-inf")).scatter(1, cands, psi - prev)
     gain[:, end] = torch.tensor([scorer.final(s) - s.psi for s in states])
     out = lp.clone()
     out[sel] = torch.where(torch.isfinite(att) & torch.isfinite(gain), (1 - weight) * att + weight * gain,
                            float("-inf"))
-    at = {j: i for i, j in enumerate(sel)}
-    where = [{c: k for k, c in enumerate(row)} for row in cands.tolist()]
+    return out, _CTCStep(scorer, rows, sel, cands, psi, end)
 
-    def child(j: int, tok: int) -> Optional[CTCState]:
-        i = at.get(j)
-        if i is None or tok == end:
-            return None
-        k = where[i][tok]
-        return scorer.state(states[i], tok, psi[i, k].item(), r_n[i, k], r_b[i, k])
 
-    return out, child
+def _set_ctc(plan: Plan, rows: list[Row], states: list[Optional[CTCState]]) -> None:
+    """Rows that chose a token get their new CTC state; one that left its first output keeps none."""
+    for r, st in zip(rows, states):
+        r.ctc = st if r.k == plan.first and not r.done else None
 
 
 def _groups(plan: Plan, rows: list[Row], last: list) -> dict[str, list[int]]:
@@ -220,9 +239,9 @@ def sample_loop(gen, plan, engine, rows, cfg, return_logits, scorer=None) -> lis
             raw = raw if len(idx) == raw.shape[0] else raw[idx]  # idx is sorted: all rows = every row
             x = _masked(gen, plan, group, raw, cfg)
             lp = x.log_softmax(-1)
-            child = None
+            step = None
             if scorer is not None and m == "text":
-                lp, child = _ctc_joint(gen, group, lp, cfg.ctc_weight, scorer)
+                lp, step = _ctc_joint(gen, group, lp, cfg.ctc_weight, scorer)
             if U is None:
                 lpc, c = lp.max(-1)  # greedy: the first of equal maxima, as argmax
             else:
@@ -234,8 +253,8 @@ def sample_loop(gen, plan, engine, rows, cfg, return_logits, scorer=None) -> lis
                 if return_logits:
                     r.logits.append(raw[j].cpu())
                 _apply(plan, gen, r, t, lps[j])
-                if child is not None:
-                    r.ctc = child(j, t)
+            if step is not None:
+                _set_ctc(plan, group, step.states(list(enumerate(c.tolist()))))
         if all(r.done for r in rows):
             return rows
 
@@ -265,13 +284,14 @@ def beam_search(gen, plan, engine, rows, cfg, scorer=None) -> list[Row]:
     V = max(gen.vocab_size(n) for n in set(plan.tower))
     while True:
         cand = torch.full((B * N, V), float("-inf"))
-        children = {}  # beam -> (child function of its group, its row in the group)
+        steps = {}  # beam -> (the _CTCStep of its group, its row in the group)
         for m, idx in _groups(plan, beams, last).items():
             group = [beams[i] for i in idx]
             lp = _masked(gen, plan, group, logits[gen.tower_of(m)][idx], cfg).log_softmax(-1).cpu()
             if scorer is not None and m == "text":
-                lp, child = _ctc_joint(gen, group, lp, cfg.ctc_weight, scorer)
-                children.update((i, (child, j)) for j, i in enumerate(idx))
+                lp, step = _ctc_joint(gen, group, lp, cfg.ctc_weight, scorer)
+                if step is not None:
+                    steps.update((i, (step, j)) for j, i in enumerate(idx))
             cand[idx, :lp.shape[1]] = lp
         for i, r in enumerate(beams):
             if not r.done and r.pending:  # forced token: one candidate, log-prob 0
@@ -279,6 +299,7 @@ def beam_search(gen, plan, engine, rows, cfg, scorer=None) -> list[Row]:
         total = (scores[:, None] + cand).view(B, N * V)
         top_s, top_i = total.topk(2 * N, dim=-1)
         src, new_beams, new_scores = [], [], []
+        picked: dict = {}  # CTC: per group step, the (new row, row in the group, token) chosen
         for b in range(B):
             keep = []
             if not ex_done[b]:
@@ -289,8 +310,8 @@ def beam_search(gen, plan, engine, rows, cfg, scorer=None) -> list[Row]:
                     r = beams[i].clone()
                     if not r.pending:
                         _apply(plan, gen, r, tok, cand[i, tok].item())
-                        if i in children:
-                            r.ctc = children[i][0](children[i][1], tok)
+                        if i in steps and not r.done:
+                            picked.setdefault(id(steps[i][0]), (steps[i][0], []))[1].append((r, steps[i][1], tok))
                     if r.done:
                         if rank < N:
                             finished[b].append((s / length_penalty(r.nfree, cfg.length_penalty), r))
@@ -306,6 +327,8 @@ def beam_search(gen, plan, engine, rows, cfg, scorer=None) -> list[Row]:
                 d = beams[b * N].clone()
                 d.done = True
                 src.append(b * N), new_beams.append(d), new_scores.append(float("-inf"))
+        for step, items in picked.values():
+            _set_ctc(plan, [r for r, _, _ in items], step.states([(j, tok) for _, j, tok in items]))
         if all(ex_done):
             break
         engine.reorder(src)
