@@ -136,33 +136,57 @@ def block_step(w: dict, x: torch.Tensor, st: Step) -> torch.Tensor:
     B, T, C = x.shape
     hd, H, Hkv = a.head_dim, a.n_head, a.n_kv_head
     cache = a.kv_cache
-    if cache.k.shape[0] != B:
-        raise RuntimeError(f"batch {B} does not match the KV cache batch {cache.k.shape[0]}")
-    qkv = _rms(x, w["norm1"]) @ w["qkv"]
+    kbuf, vbuf = cache.k, cache.v  # [B, Hkv, S, hd]; read once (module attribute lookups add up here)
+    if kbuf.shape[0] != B:
+        raise RuntimeError(f"batch {B} does not match the KV cache batch {kbuf.shape[0]}")
     if st.fast:
-        qk = qkv[:, 0, :(H + Hkv) * hd].view(B, H + Hkv, hd) @ st.rot  # rotary as one matmul
-        q, k = qk[:, :H, None], qk[:, H:, None]  # [B, H, 1, hd]
-        v = qkv[:, 0, (H + Hkv) * hd:].view(B, Hkv, 1, hd)
-        p = st.p
-        cache.k[:, :, p:p + 1] = k
-        cache.v[:, :, p:p + 1] = v
-    else:
-        qk = apply_rope(qkv[..., :(H + Hkv) * hd].view(B, T, H + Hkv, hd).transpose(1, 2), st.cos, st.sin)
-        q, k = qk.split([H, Hkv], dim=1)
-        v = qkv[..., (H + Hkv) * hd:].view(B, T, Hkv, hd).transpose(1, 2)
-        idx = st.index(Hkv, hd)
-        cache.k.scatter_(2, idx, k if k.dtype == cache.k.dtype else k.to(cache.k.dtype))
-        cache.v.scatter_(2, idx, v if v.dtype == cache.v.dtype else v.to(cache.v.dtype))
-    kc, vc = cache.k[:, :, :st.L], cache.v[:, :, :st.L]
-    if kc.dtype != q.dtype:
-        kc, vc = kc.to(q.dtype), vc.to(q.dtype)
-    if Hkv != H:
-        kc, vc = kc.repeat_interleave(H // Hkv, dim=1), vc.repeat_interleave(H // Hkv, dim=1)
-    y = F.scaled_dot_product_attention(q, kc, vc, attn_mask=None if st.fast else st.mask)
-    x = x + (y.reshape(B, 1, H * hd) if st.fast else y.transpose(1, 2).reshape(B, T, H * hd)) @ w["proj"]
+        return _block_step_fast(w, x, st, kbuf, vbuf, H, Hkv, hd)
+    qkv = _rms(x, w["norm1"]) @ w["qkv"]
+    qk = apply_rope(qkv[..., :(H + Hkv) * hd].view(B, T, H + Hkv, hd).transpose(1, 2), st.cos, st.sin)
+    q, k = qk.split([H, Hkv], dim=1)
+    v = qkv[..., (H + Hkv) * hd:].view(B, T, Hkv, hd).transpose(1, 2)
+    idx = st.index(Hkv, hd)
+    kbuf.scatter_(2, idx, k if k.dtype == kbuf.dtype else k.to(kbuf.dtype))
+    vbuf.scatter_(2, idx, v if v.dtype == vbuf.dtype else v.to(vbuf.dtype))
+    kc, vc = _cached_kv(kbuf, vbuf, st.L, q.dtype, H, Hkv)
+    y = F.scaled_dot_product_attention(q, kc, vc, attn_mask=st.mask)
+    x = x + y.transpose(1, 2).reshape(B, T, H * hd) @ w["proj"]
     gate, up = (_rms(x, w["norm2"]) @ w["gate_up"]).chunk(2, dim=-1)
     return x + (F.silu(gate) * up) @ w["down"]
 
 
+def _cached_kv(kbuf, vbuf, L: int, dtype, H: int, Hkv: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first L cache slots [B, H, L, hd], in the query's dtype, grouped-query heads repeated."""
+    kc, vc = kbuf[:, :, :L], vbuf[:, :, :L]
+    if kc.dtype != dtype:
+        kc, vc = kc.to(dtype), vc.to(dtype)
+    if Hkv != H:
+        kc, vc = kc.repeat_interleave(H // Hkv, dim=1), vc.repeat_interleave(H // Hkv, dim=1)
+    return kc, vc
+
+
+def _block_step_fast(w: dict, x: torch.Tensor, st: Step, kbuf, vbuf, H: int, Hkv: int, hd: int) -> torch.Tensor:
+    """block_step's fast path (Step.fast: one token per row, all rows at position st.p), on 2-D [B, C]
+    rows: torch.mm / addmm instead of matmul on [B, 1, C] (no batching wrapper per product), and the
+    residual adds fused into the products after attention and MLP."""
+    B, _, C = x.shape
+    x2 = x.view(B, C)
+    qkv = torch.mm(_rms(x2, w["norm1"]), w["qkv"])  # [B, (H + 2 Hkv) hd]
+    qk = torch.mm(qkv[:, :(H + Hkv) * hd].reshape(B * (H + Hkv), hd), st.rot)  # rotary as one product
+    qk = qk.view(B, H + Hkv, hd)
+    q, k = qk[:, :H, None], qk[:, H:, None]  # [B, H, 1, hd]
+    v = qkv[:, (H + Hkv) * hd:].view(B, Hkv, 1, hd)
+    p = st.p
+    kbuf[:, :, p:p + 1] = k
+    vbuf[:, :, p:p + 1] = v
+    kc, vc = _cached_kv(kbuf, vbuf, st.L, q.dtype, H, Hkv)
+    y = F.scaled_dot_product_attention(q, kc, vc)  # [B, H, 1, hd]
+    x2 = torch.addmm(x2, y.view(B, H * hd), w["proj"])
+    gate, up = torch.mm(_rms(x2, w["norm2"]), w["gate_up"]).chunk(2, dim=-1)
+    return torch.addmm(x2, F.silu(gate) * up, w["down"]).view(B, 1, C)
+
+
 def head_logits(w: DecodeWeights, h: torch.Tensor) -> torch.Tensor:
-    return _rms(h, w.norm_f) @ w.head
+    """h [B, T, C] -> logits [B, T, V]."""
+    B, T, C = h.shape
+    return torch.mm(_rms(h.reshape(B * T, C), w.norm_f), w.head).view(B, T, -1)
