@@ -7,13 +7,16 @@
 # recipes/paper/ with --publish.
 #
 #   recipes/paper/run.sh [--stage N] [--stop-stage M] [--run-dir DIR] [--fractions "1 0.3 0.1 0.03"]
-#                        [--steps S] [--max-tokens T] [--limit N] [--aligned-xattn] [--publish]
+#                        [--steps S] [--max-tokens T] [--limit N] [--demo-recipe] [--publish]
 #
 # Stages: 1-3 the demo recipe's tokenize and pretraining (shared by every model), 4 fuse every
 # (model, fraction), 5 decode, 6 eval each model, 7 compare and write RESULTS.md.
 # The budget is the same for every model: --steps optimizer steps of at most --max-tokens padded tokens.
-# --aligned-xattn gives both Zipper models the demo recipe's cross-attention (positions on a shared time
-# axis, a diagonal start, open gates over zero-initialised branches; not in the paper, see README).
+# --demo-recipe fuses and decodes as recipes/demo does (none of it is in the paper, see README): both
+# Zipper models get the demo's cross-attention (a learned clock for positions on a shared time axis, a
+# diagonal start, open gates over zero-initialised branches) and its auxiliary CTC loss; every model is
+# decoded by beam search (ASR 4 beams, TTS 8), Zipper ASR jointly with its CTC head (the single decoder
+# has none). Without it: the paper's block, no CTC loss, greedy decoding.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -25,7 +28,7 @@ steps=600
 max_tokens=2048
 limit=200
 publish=0
-aligned_xattn=0
+demo_recipe=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --stage) stage=$2; shift 2 ;;
@@ -36,9 +39,9 @@ while [ $# -gt 0 ]; do
     --max-tokens) max_tokens=$2; shift 2 ;;
     --limit) limit=$2; shift 2 ;;
     --publish) publish=1; shift ;;
-    --aligned-xattn) aligned_xattn=1; shift ;;
+    --demo-recipe) demo_recipe=1; shift ;;
     *) echo "recipes/paper/run.sh: unknown option $1 (options: --stage N --stop-stage M --run-dir DIR" \
-            "--fractions LIST --steps S --max-tokens T --limit N --aligned-xattn --publish)" >&2; exit 2 ;;
+            "--fractions LIST --steps S --max-tokens T --limit N --demo-recipe --publish)" >&2; exit 2 ;;
   esac
 done
 
@@ -50,7 +53,11 @@ python=.venv/bin/python
 # model name -> fuse options. Zipper runs keep the text tower frozen (as in the paper); the learning
 # rates are the paper's choices for each condition scaled to this budget (see recipes/paper/README.md).
 zip_opts="--arch zipper --input-proj none --gate-lr-mult 10 --lr 1e-3 --dropout 0.1"
-[ "$aligned_xattn" = 1 ] && zip_opts="$zip_opts --xattn-pos auto --xattn-prior 8 --gate-init 0.5"
+asr_opts="" tts_opts=""
+if [ "$demo_recipe" = 1 ]; then
+  zip_opts="$zip_opts --xattn-pos learned --xattn-prior 8 --gate-init 0.5 --ctc-weight 3"
+  asr_opts="--strategy beam --beam 4" tts_opts="--strategy beam --beam 8"
+fi
 declare -A fuse_opts=(
   [zipper-unfrozen]="$zip_opts --freeze text"
   [zipper-frozen]="$zip_opts --freeze text,speech"
@@ -80,8 +87,14 @@ fi
 if [ "$stage" -le 5 ] && [ "$stop_stage" -ge 5 ]; then
   for t in "${tags[@]}"; do
     echo "== stage 5: decode $t (ASR and TTS, first $limit test utterances)"
-    $zipper decode --run-dir "$run_dir" --model "fused/$t" --outputs text --split test --limit "$limit" --tag "$t-asr"
-    $zipper decode --run-dir "$run_dir" --model "fused/$t" --outputs speech --split test --limit "$limit" --tag "$t-tts"
+    joint=""  # joint CTC/attention ASR for the models fused with a CTC head (Zipper under --demo-recipe)
+    [ "$demo_recipe" = 1 ] && [ "${t#zipper}" != "$t" ] && joint="--ctc-weight 0.3"
+    # shellcheck disable=SC2086  # the option strings hold several options
+    $zipper decode --run-dir "$run_dir" --model "fused/$t" --outputs text --split test --limit "$limit" --tag "$t-asr" \
+      $asr_opts $joint
+    # shellcheck disable=SC2086
+    $zipper decode --run-dir "$run_dir" --model "fused/$t" --outputs speech --split test --limit "$limit" --tag "$t-tts" \
+      $tts_opts
   done
 fi
 
@@ -100,6 +113,6 @@ if [ "$stage" -le 7 ] && [ "$stop_stage" -ge 7 ]; then
   out="$run_dir/RESULTS.md"
   if [ "$publish" = 1 ]; then out=recipes/paper/RESULTS.md; fi
   $python recipes/paper/results.py --run-dir "$run_dir" --compare paper --out "$out" \
-    --command "recipes/paper/run.sh --fractions \"$fractions\" --steps $steps --max-tokens $max_tokens --limit $limit$([ "$aligned_xattn" = 1 ] && echo " --aligned-xattn")"
+    --command "recipes/paper/run.sh --fractions \"$fractions\" --steps $steps --max-tokens $max_tokens --limit $limit$([ "$demo_recipe" = 1 ] && echo " --demo-recipe")"
   echo "== results: $out"
 fi
