@@ -181,7 +181,7 @@ def _block_step_fast(w: dict, x: torch.Tensor, st: Step, kbuf, vbuf, H: int, Hkv
     vbuf[:, :, p:p + 1] = v
     kc, vc = _cached_kv(kbuf, vbuf, st.L, q.dtype, H, Hkv)
     y = F.scaled_dot_product_attention(q, kc, vc)  # [B, H, 1, hd]
-    x2 = torch.addmm(x2, y.view(B, H * hd), w["proj"])
+    x2 = torch.addmm(x2, y.reshape(B, H * hd), w["proj"])  # a view whenever the layout allows
     gate, up = torch.mm(_rms(x2, w["norm2"]), w["gate_up"]).chunk(2, dim=-1)
     return torch.addmm(x2, F.silu(gate) * up, w["down"]).view(B, 1, C)
 
