@@ -9,11 +9,12 @@ Measured (scripts/measure_vocoder.py --run-dir, demo run: 25 Hz K=512 units, def
 utterances, audio resynthesised from the gold units): pocketsphinx WER 0.169 -> 0.293 (1.73x), CTC judge
 0.091 -> 0.225 (2.48x); Griffin-Lim from the true log-mel alone gives 0.179 with pocketsphinx, so the
 loss is in the units -> log-mel prediction. Still short of 1.3x. Tried at 25 Hz without gain: 8 blocks
-with dilations up to 8, a frame-difference loss, the mel_floor target. 50 Hz units reached 1.51x;
-K=2048 at 25 Hz 1.65x against 1.78x for K=512 (scripts/measure_vocoder.py --corpus, 6000 training
-utterances, the same 200 test utterances; pocketsphinx 0.169 -> 0.279 and 0.302). Scaling the
-predicted log-mel's deviation from its mean by 1.2 made it worse (0.305 against 0.297): the predicted
-frames vary as much as the true ones (std ratio 1.02), so the loss is in their content, not smoothing.
+with dilations up to 8, a frame-difference loss, the mel_floor target. More information per second
+helps (scripts/measure_vocoder.py --corpus, 6000 training utterances, the same 200 test utterances,
+pocketsphinx): 25 Hz K=512 1.78x (0.302), 25 Hz K=2048 1.65x (0.279), 50 Hz K=512 1.51x (earlier),
+50 Hz K=2048 1.42x (0.240). Scaling the predicted log-mel's deviation from its mean by 1.2 made it worse
+(0.305 against 0.297): the predicted frames vary as much as the true ones (std ratio 1.02), so the loss
+is in their content, not smoothing.
 
 Network (UnitVocoder), at the unit rate until the last step:
   unit embedding [K, C] -> `layers` pre-norm residual blocks (RMS norm over channels, GELU, dilated
