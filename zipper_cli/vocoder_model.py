@@ -10,11 +10,11 @@ utterances, audio resynthesised from the gold units): pocketsphinx WER 0.169 -> 
 0.091 -> 0.225 (2.48x); Griffin-Lim from the true log-mel alone gives 0.179 with pocketsphinx, so the
 loss is in the units -> log-mel prediction. Still short of 1.3x. Tried at 25 Hz without gain: 8 blocks
 with dilations up to 8, a frame-difference loss, the mel_floor target. More information per second
-helps (scripts/measure_vocoder.py --corpus, 6000 training utterances, the same 200 test utterances,
-pocketsphinx): 25 Hz K=512 1.78x (0.302), 25 Hz K=2048 1.65x (0.279), 50 Hz K=512 1.51x (earlier),
-50 Hz K=2048 1.42x (0.240), 100 Hz K=512 1.39x (0.236). Scaling the predicted log-mel's deviation from its mean by 1.2 made it worse
-(0.305 against 0.297): the predicted frames vary as much as the true ones (std ratio 1.02), so the loss
-is in their content, not smoothing.
+helps, but not to 1.3x (scripts/measure_vocoder.py --corpus, 6000 training utterances, the same 200
+test utterances, pocketsphinx): 25 Hz K=512 1.78x (0.302), 25 Hz K=2048 1.65x (0.279), 50 Hz K=512
+1.51x (earlier), 50 Hz K=2048 1.42x (0.240), 100 Hz K=512 1.39x (0.236). Scaling the predicted
+log-mel's deviation from its mean by 1.2 made it worse (0.305 against 0.297): the predicted frames vary
+as much as the true ones (std ratio 1.02), so the loss is in their content, not smoothing.
 
 Network (UnitVocoder), at the unit rate until the last step:
   unit embedding [K, C] -> `layers` pre-norm residual blocks (RMS norm over channels, GELU, dilated
