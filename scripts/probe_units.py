@@ -38,7 +38,7 @@ from zipper_cli.audio import read_audio  # noqa: E402
 from zipper_cli.ctc_judge import ensure_ctc_judge  # noqa: E402
 from zipper_cli.ctc_judge_model import text_to_ids  # noqa: E402
 from zipper_cli.kmeans import assign, kmeans  # noqa: E402
-from zipper_cli.speech_tokenizer import log_mel  # noqa: E402
+from zipper_cli.speech_tokenizer import log_mel, normalise_and_stack  # noqa: E402
 
 STACK = 4  # 100 Hz frames per 25 Hz unit
 
@@ -48,15 +48,11 @@ def _stack(f: torch.Tensor) -> torch.Tensor:
     return f[:t].reshape(t // STACK, STACK * f.shape[1])  # [T/4, 4 D]
 
 
-def _cmvn(f: torch.Tensor) -> torch.Tensor:
-    return (f - f.mean(0)) / f.std(0, unbiased=False).clamp_min(1e-5)
-
-
 _DCT = torchaudio.functional.create_dct(40, 80, "ortho")  # [80 mels, 40 cepstra]
 KINDS = {
-    "mel": lambda lm: _stack(_cmvn(lm)),
-    "cep1-19": lambda lm: _stack(_cmvn((lm @ _DCT)[:, 1:20])),
-    "cep0-12": lambda lm: _stack(_cmvn((lm @ _DCT)[:, :13])),
+    "mel": lambda lm: normalise_and_stack(lm, STACK),  # exactly the mel-kmeans tokenizer's features
+    "cep1-19": lambda lm: normalise_and_stack((lm @ _DCT)[:, 1:20], STACK),
+    "cep0-12": lambda lm: normalise_and_stack((lm @ _DCT)[:, :13], STACK),
     "cep1-12-cmn": lambda lm: _stack((lm @ _DCT)[:, 1:13] - (lm @ _DCT)[:, 1:13].mean(0)),
 }
 

@@ -299,7 +299,7 @@ def beam_search(gen, plan, engine, rows, cfg, scorer=None) -> list[Row]:
         total = (scores[:, None] + cand).view(B, N * V)
         top_s, top_i = total.topk(2 * N, dim=-1)
         src, new_beams, new_scores = [], [], []
-        picked: dict = {}  # CTC: per group step, the (new row, row in the group, token) chosen
+        picked: dict = {}  # CTC: per group step, the (kept row, its parent's row in the group, token)
         for b in range(B):
             keep = []
             if not ex_done[b]:
@@ -308,21 +308,23 @@ def beam_search(gen, plan, engine, rows, cfg, scorer=None) -> list[Row]:
                         break
                     i, tok = b * N + c // V, c % V
                     r = beams[i].clone()
-                    if not r.pending:
+                    free = not r.pending
+                    if free:
                         _apply(plan, gen, r, tok, cand[i, tok].item())
-                        if i in steps and not r.done:
-                            picked.setdefault(id(steps[i][0]), (steps[i][0], []))[1].append((r, steps[i][1], tok))
                     if r.done:
                         if rank < N:
                             finished[b].append((s / length_penalty(r.nfree, cfg.length_penalty), r))
                         continue
-                    keep.append((i, r, s))
-                live = [s / length_penalty(r.nfree, cfg.length_penalty) for _, r, s in keep]
+                    keep.append((i, r, s, tok if free else None))
+                live = [s / length_penalty(r.nfree, cfg.length_penalty) for _, r, s, _ in keep]
                 fin = sorted((f for f, _ in finished[b]), reverse=True)[:N]
                 if not keep or (len(fin) >= N and max(live) <= fin[-1]):
                     ex_done[b], keep = True, []
-            for i, r, s in keep:
+            for i, r, s, tok in keep:
                 src.append(i), new_beams.append(r), new_scores.append(s)
+                if tok is not None and i in steps:  # a kept beam that chose a text token: its CTC state
+                    step, j = steps[i]
+                    picked.setdefault(id(step), (step, []))[1].append((r, j, tok))
             for _ in range(N - len(keep)):  # dead beams: a copy of any row, never fed
                 d = beams[b * N].clone()
                 d.done = True

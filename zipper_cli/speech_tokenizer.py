@@ -163,6 +163,15 @@ def _ssl_features(model: torch.nn.Module, x: torch.Tensor, layer: int) -> torch.
     return layers[-1][0].float()  # [T, D] at 50 Hz
 
 
+def normalise_and_stack(frames: torch.Tensor, stack: int) -> torch.Tensor:
+    """[T, D] 100 Hz frames of one utterance -> [T // stack, stack * D]: mean/variance normalisation per
+    column over the utterance (removes channel and loudness), then `stack` consecutive frames side by side,
+    in time order (the remainder frames dropped)."""
+    x = (frames - frames.mean(0)) / frames.std(0, unbiased=False).clamp_min(1e-5)
+    t = x.shape[0] // stack * stack
+    return x[:t].reshape(t // stack, stack * x.shape[1])
+
+
 def features(cfg: SpeechTokenizerConfig, wav: np.ndarray, model: torch.nn.Module | None = None) -> torch.Tensor:
     """[T, D] float32 features that k-means clusters (mel-kmeans: D = n_mels * 100/frame_rate)."""
     if cfg.kind == "mel-kmeans":
@@ -170,10 +179,7 @@ def features(cfg: SpeechTokenizerConfig, wav: np.ndarray, model: torch.nn.Module
         lm = log_mel(wav, cfg.n_mels)  # [T, n_mels]
         if lm.shape[0] < stack:
             return torch.zeros(0, stack * cfg.n_mels)
-        # per-utterance mean/variance normalisation per mel bin removes channel and loudness
-        lm = (lm - lm.mean(0)) / lm.std(0, unbiased=False).clamp_min(1e-5)
-        t = lm.shape[0] // stack * stack  # drop the remainder frames
-        return lm[:t].reshape(t // stack, stack * cfg.n_mels)  # [T/stack, stack*n_mels], frames in time order
+        return normalise_and_stack(lm, stack)
     if cfg.kind == "ssl-kmeans":
         return _ssl_features(model if model is not None else load_model(cfg)[0], _as_tensor(wav), cfg.ssl_layer)
     raise ValueError("features(): encodec units are codec codes, there are no k-means features")
