@@ -2,8 +2,9 @@
 """Benchmarks, reported as ratios against references measured in the same run.
 
   .venv/bin/python scripts/bench.py tokenize [--seconds 120] [--units 512] [--frame-rate 25]
-  .venv/bin/python scripts/bench.py pretrain [--batch 32] [--seq 128] [--threads 2]
-  .venv/bin/python scripts/bench.py decode [--threads 1] [--repeats 5] [--new 200] [--prompt 50]
+  .venv/bin/python scripts/bench.py pretrain [--batch 32] [--seq 128] [--threads 2] [--size demo] [--device cpu]
+  .venv/bin/python scripts/bench.py decode [--threads 1] [--repeats 5] [--new 200] [--prompt 50] [--size demo]
+                                           [--device cpu]
 
 tokenize: real-time factor (audio seconds per wall second) of the default speech tokenizer, split into
 audio decoding, features and unit assignment on one thread, then the whole read+encode path with 1 and
@@ -24,6 +25,9 @@ tokens; ours / transformers >= 1.0x at batch 1 and 16. Timings on a shared machi
 number is the median of --repeats runs after a warm-up, the contenders interleaved; *_tok_s are per
 wall second, *_tok_cpu_s per CPU second of this process (one thread), which other processes on the
 machine disturb much less.
+
+--device cuda runs either on a GPU (the peak is then an 8192^3 matmul's; max_gpu_mb is the training
+step's peak allocation), and --size picks another tower preset (S, L) to fill it.
 """
 
 from __future__ import annotations
@@ -124,19 +128,29 @@ def bench_tokenize(args) -> dict:
     return result
 
 
-def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 10) -> float:
-    """Measured GFLOP/s of an n x n matmul in `dtype` after warm-up: this machine's practical peak."""
-    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def matmul_peak(dtype: torch.dtype, device: str = "cpu", reps: int = 10) -> float:
+    """Measured GFLOP/s of an n x n matmul in `dtype` after warm-up: this machine's practical peak
+    (n = 2048 on CPU, 8192 on a GPU, which smaller products do not fill)."""
+    n = 8192 if device == "cuda" else 2048
+    a, b = torch.randn(n, n, device=device).to(dtype), torch.randn(n, n, device=device).to(dtype)
     for _ in range(3):
         a @ b
+    sync(device)
     t = time.perf_counter()
     for _ in range(reps):
         a @ b
+    sync(device)
     return 2 * n**3 * reps / (time.perf_counter() - t) / 1e9
 
 
-def _train_throughput(precision: str, batch: int, seq: int, vocab: int, steps: int) -> dict:
-    """Tokens/s of the real training step (model, loss, backward, AdamW) for the demo tower, in this process."""
+def _train_throughput(precision: str, batch: int, seq: int, vocab: int, steps: int, size: str = "demo",
+                      device: str = "cpu") -> dict:
+    """Tokens/s of the real training step (model, loss, backward, AdamW) for a `size` tower, in this process."""
     import resource
     from contextlib import nullcontext
 
@@ -144,10 +158,11 @@ def _train_throughput(precision: str, batch: int, seq: int, vocab: int, steps: i
     from zipper_cli.models.tower import Tower, tower_preset
 
     torch.manual_seed(0)
-    model = Tower(tower_preset("demo", vocab, max_seq_len=seq))
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, foreach=False)
-    x = torch.randint(3, vocab, (batch, seq + 1))
-    ctx = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if precision == "bf16" else nullcontext
+    model = Tower(tower_preset(size, vocab, max_seq_len=seq)).to(device)
+    # foreach: one kernel per parameter group on a GPU; on this CPU the per-tensor loop was as fast
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, foreach=device == "cuda")
+    x = torch.randint(3, vocab, (batch, seq + 1), device=device)
+    ctx = (lambda: torch.autocast(device, dtype=torch.bfloat16)) if precision == "bf16" else nullcontext
 
     def step():
         with ctx():
@@ -162,29 +177,32 @@ def _train_throughput(precision: str, batch: int, seq: int, vocab: int, steps: i
         step()
     t = time.perf_counter()
     for _ in range(steps):
-        step()
+        step()  # loss.item() syncs a GPU every step
     dt = (time.perf_counter() - t) / steps
+    out = {"tokens_per_s": batch * seq / dt, "flops_per_token": model.flops_per_token(seq),
+           "step_ms": dt * 1e3, "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+           "params": model.num_params()}
+    if device == "cuda":
+        return out | {"max_gpu_mb": torch.cuda.max_memory_allocated() / 2**20}
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         step()
     top = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:8]
     total = sum(e.self_cpu_time_total for e in prof.key_averages())
-    return {"tokens_per_s": batch * seq / dt, "flops_per_token": model.flops_per_token(seq),
-            "step_ms": dt * 1e3, "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "params": model.num_params(),
-            "time_by_op": {e.key: round(e.self_cpu_time_total / total, 3) for e in top}}
+    return out | {"time_by_op": {e.key: round(e.self_cpu_time_total / total, 3) for e in top}}
 
 
 def bench_pretrain(args) -> dict:
     torch.set_num_threads(args.threads)
-    peaks = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
-    out = {"threads": args.threads, "matmul_peak_gflops": {k: round(v, 1) for k, v in peaks.items()},
-           "batch": args.batch, "seq": args.seq}
+    peaks = {"fp32": matmul_peak(torch.float32, args.device), "bf16": matmul_peak(torch.bfloat16, args.device)}
+    out = {"device": _device_name(args.device), "threads": args.threads, "size": args.size,
+           "matmul_peak_gflops": {k: round(v, 1) for k, v in peaks.items()}, "batch": args.batch, "seq": args.seq}
     for precision in ("fp32", "bf16"):
         # Each precision in a fresh process so its peak memory is its own.
         res = subprocess.run([sys.executable, __file__, "_train", precision, str(args.batch), str(args.seq),
-                              str(args.vocab), str(args.steps), str(args.threads)], capture_output=True, text=True, check=True)
+                              str(args.vocab), str(args.steps), str(args.threads), args.size, args.device],
+                             capture_output=True, text=True, check=True)
         r = json.loads(res.stdout)
         achieved = r["tokens_per_s"] * r["flops_per_token"] / 1e9
         r |= {"achieved_gflops": round(achieved, 1),
@@ -236,19 +254,25 @@ def _hf_model(tower_cfg):
     return model
 
 
+def _device_name(device: str) -> str:
+    return torch.cuda.get_device_name() if device == "cuda" else "cpu"
+
+
 def bench_decode(args) -> dict:
     from zipper_cli.generate import GenerationConfig, TowerGenerator
     from zipper_cli.models.tower import Tower, tower_preset
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    tcfg = tower_preset("demo", 515)
-    tower = Tower(tcfg).eval()
+    tcfg = tower_preset(args.size, 515)
+    tower = Tower(tcfg).eval().to(args.device)
     gen = TowerGenerator(tower, "text")
     hf = _hf_model(tcfg)
+    if hf is not None:
+        hf = hf.to(args.device)
     g = torch.Generator().manual_seed(0)
-    out: dict = {"new_tokens": args.new, "prompt": args.prompt, "threads": args.threads, "repeats": args.repeats,
-                 "rows": []}
+    out: dict = {"device": _device_name(args.device), "size": args.size, "new_tokens": args.new,
+                 "prompt": args.prompt, "threads": args.threads, "repeats": args.repeats, "rows": []}
     for batch in (1, 16):
         # Prompt = [bos] + pieces: args.prompt tokens in all (pieces avoid the specials 0..3).
         prompts = torch.randint(4, tcfg.vocab_size, (batch, args.prompt - 1), generator=g).tolist()
@@ -264,7 +288,7 @@ def bench_decode(args) -> dict:
 
             fns[name], reps[name] = run_ours, n
         if hf is not None:
-            ids = torch.tensor([[2] + p for p in prompts])
+            ids = torch.tensor([[2] + p for p in prompts], device=args.device)
             mask = torch.ones_like(ids)
 
             def run_hf():
@@ -272,6 +296,7 @@ def bench_decode(args) -> dict:
                     o = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=args.new,
                                     min_new_tokens=args.new, do_sample=False, use_cache=True, num_beams=1)
                 assert o.shape[1] == args.prompt + args.new
+                sync(args.device)
 
             fns["transformers"], reps["transformers"] = run_hf, args.repeats
         sec = _interleaved_medians(fns, reps)
@@ -307,16 +332,20 @@ def main():
     t.add_argument("--vocab", type=int, default=515)
     t.add_argument("--steps", type=int, default=10)
     t.add_argument("--threads", type=int, default=2)
+    t.add_argument("--size", default="demo", help="tower preset: tiny | demo | S | L")
+    t.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     t = sub.add_parser("decode")
     t.add_argument("--repeats", type=int, default=5, help="timed runs per cached / transformers number (median)")
     t.add_argument("--repeats-uncached", type=int, default=3, help="timed runs per uncached number (median)")
     t.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
     t.add_argument("--new", type=int, default=200, help="tokens generated per row")
     t.add_argument("--prompt", type=int, default=50, help="prompt length in tokens (bos included)")
+    t.add_argument("--size", default="demo", help="tower preset: tiny | demo | S | L")
+    t.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     if len(sys.argv) > 1 and sys.argv[1] == "_train":  # internal: one measurement in a fresh process
-        precision, batch, seq, vocab, steps, threads = sys.argv[2:8]
+        precision, batch, seq, vocab, steps, threads, size, device = sys.argv[2:10]
         torch.set_num_threads(int(threads))
-        print(json.dumps(_train_throughput(precision, int(batch), int(seq), int(vocab), int(steps))))
+        print(json.dumps(_train_throughput(precision, int(batch), int(seq), int(vocab), int(steps), size, device)))
         return
     args = p.parse_args()
     result = {"tokenize": bench_tokenize, "pretrain": bench_pretrain, "decode": bench_decode}[args.what](args)

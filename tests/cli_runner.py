@@ -115,6 +115,15 @@ def spawn(*args, cwd: Path, env: dict | None = None) -> Child:
                                           "test process; keep OMP_NUM_THREADS=1 (conftest) and no set_num_threads(>1)")
     out_dir = Path(tempfile.mkdtemp(prefix="zipper-cli-"))  # not under cwd: that may be a full disk
     out, err = out_dir / "stdout", out_dir / "stderr"
+    if torch.cuda.is_available():
+        # A forked child cannot use CUDA once this process has even counted the devices (torch refuses): on
+        # a GPU machine the child is a real process instead (same entry point, slower to start).
+        with open(out, "w") as fo, open(err, "w") as fe:
+            proc = subprocess.Popen([sys.executable, "-m", "zipper_cli.cli", *args], cwd=cwd, stdout=fo, stderr=fe,
+                                    env=os.environ | (env or {}))
+        child = Child(proc.pid, args, out, err)
+        child.proc = proc  # kept alive: subprocess would otherwise reap the pid itself, before Child.wait
+        return child
     sys.stdout.flush()
     sys.stderr.flush()
     pid = os.fork()

@@ -60,3 +60,8 @@ def make_small_manifest(tmp_path: Path) -> Path:
     path = tmp_path / "corpus.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
+
+
+def pytest_collection_modifyitems(items):
+    """CUDA tests last: once a process has used CUDA, cli_runner can no longer fork it (see spawn)."""
+    items.sort(key=lambda item: item.path.name == "test_cuda.py")  # stable: the rest keep their order

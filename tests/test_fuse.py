@@ -190,7 +190,8 @@ def test_aligned_subset_tag_and_resume(pretrained, tmp_path):
     for run in (a, b):
         shutil.copytree(pretrained, run)
     cfg = small_fuse(aligned_count=5, freeze="none", train=TrainConfig(max_steps=4, lr=3e-3, warmup_steps=1,
-                                                                       max_tokens=256, eval_every=2, ckpt_every=2))
+                                                                       max_tokens=256, eval_every=2, ckpt_every=2,
+                                                                       device="cpu"))  # bitwise: see test_pretrain
     fuse(a, cfg)
     fuse(b, cfg)
     out = b / "fused" / "zipper-freeze-none-n5"

@@ -69,7 +69,7 @@ def test_unlabeled_librilight_subsets(tmp_path):
 
 
 def recipe(*args, ok=True):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")  # CPU and gloo, also on a GPU machine
     res = subprocess.run(["bash", str(RECIPE), *args], capture_output=True, text=True, timeout=900, env=env)
     if ok:
         assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]

@@ -211,6 +211,7 @@ def decode(
                                      "Zipper's CTC head (0 = attention only)."),
     vocoder_steps: Optional[int] = typer.Option(None, "--vocoder-steps",
                                                 help="Unit vocoder training steps, if the run has no vocoder yet."),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda (the vocoder runs on CPU)."),
     force: bool = Force,
 ):
     """Generate modality sequences: [text] for ASR, [speech] for TTS, [text, speech] ..."""
@@ -230,7 +231,7 @@ def decode(
                            max_new_tokens=max_new_tokens, batch_size=batch_size, use_cache=cache,
                            ctc_weight=ctc_weight)
     cfg = DecodeConfig(model=model, outputs=outputs, split=split, wavs=tuple(str(w) for w in wav), texts=tuple(texts),
-                       limit=limit, tag=tag, vocoder_steps=vocoder_steps, gen=gen)
+                       limit=limit, tag=tag, vocoder_steps=vocoder_steps, device=device, gen=gen)
     run(run_dir, cfg, force=force)
 
 

@@ -27,6 +27,7 @@ from ..rundir import config_defaults, config_dict, init_run_dir, open_stage, req
 from ..shards import load_role
 from ..speech_tokenizer import SpeechTokenizer
 from ..text_tokenizer import TextTokenizer
+from ..trainer import pick_device
 
 MODALITIES = ("text", "speech")
 
@@ -52,6 +53,8 @@ class DecodeConfig:
     """--tag: name under decode/ (default: model, outputs and source)."""
     vocoder_steps: int | None = None
     """--vocoder-steps: training steps of the unit vocoder when the run has none yet (default: its own)."""
+    device: str = "auto"
+    """--device: auto (CUDA when present), cpu or cuda. The unit vocoder runs on CPU either way."""
     gen: GenerationConfig = field(default_factory=GenerationConfig)
 
     def output_list(self) -> list[str]:
@@ -70,6 +73,7 @@ class DecodeConfig:
             raise ZipperError(f"--limit must be >= 1 (got {self.limit})")
         if self.tag is not None and (not self.tag or "/" in self.tag or self.tag.startswith(".")):
             raise ZipperError(f"--tag {self.tag!r}: use a plain name")
+        pick_device(self.device)
         self.gen.validate()
 
 
@@ -85,14 +89,14 @@ def _resolve_model(run_dir: Path, model: str) -> str:
     return f"fused/{fused[0]}"
 
 
-def load_generator(run_dir: Path, model: str):
-    """(generator, modalities it can read/write, description) for fused/TAG or towers/NAME."""
+def load_generator(run_dir: Path, model: str, device: str = "cpu"):
+    """(generator, kind) for fused/TAG or towers/NAME, its weights on `device`."""
     from .fuse import load_fused
     from .pretrain import load_tower
 
     if model.startswith("towers/"):
         tower, meta = load_tower(run_dir / model)
-        return TowerGenerator(tower.eval(), meta["modality"]), "tower"
+        return TowerGenerator(tower.to(device).eval(), meta["modality"]), "tower"
     try:
         net, meta = load_fused(run_dir / model)
     except ZipperError as e:
@@ -103,6 +107,7 @@ def load_generator(run_dir: Path, model: str):
 
         raise ZipperError(f"--model {model}: {run_dir / model / 'model.pt'} does not fit the model in "
                           f"{run_dir / model / 'config.json'} ({mismatch(e)})") from None
+    net = net.to(device)
     if meta["arch"] == "zipper":
         return ZipperGenerator(net), "zipper"
     return SingleDecoderGenerator(net, SingleDecoderVocab(**meta["single_decoder_vocab"])), "single-decoder"
@@ -161,14 +166,15 @@ def decode(run_dir: Path, cfg: DecodeConfig, force: bool = False) -> dict | None
                     defaults=config_defaults(cfg)) as stage:
         if stage is None:
             return None
-        generator, kind = load_generator(run_dir, model)
+        device = pick_device(cfg.device)
+        generator, kind = load_generator(run_dir, model, device)
         in_m, items = _inputs(run_dir, cfg, outputs, tok)
         if kind == "tower" and (in_m != generator.modalities[0] or outputs != [in_m]):
             raise ZipperError(f"--model {model} is a unimodal {generator.modalities[0]} tower: it only continues "
                               f"{generator.modalities[0]} (--outputs {generator.modalities[0]} from "
                               f"{'--text' if generator.modalities[0] == 'text' else '--wav'} input); "
                               "use a fused model for ASR or TTS")
-        log(f"[decode] {model}: {len(items)} inputs ({in_m}) -> {'+'.join(outputs)}, {cfg.gen.strategy}"
+        log(f"[decode] {model} on {device}: {len(items)} inputs ({in_m}) -> {'+'.join(outputs)}, {cfg.gen.strategy}"
             + (f", CTC weight {cfg.gen.ctc_weight:g}" if cfg.gen.ctc_weight else ""))
         t0 = time.time()
         gens = generator.generate([it["tokens"] for it in items], in_m, outputs, cfg.gen)

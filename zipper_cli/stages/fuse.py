@@ -318,6 +318,7 @@ def _fuse(run_dir: Path, cfg: FuseConfig, tag: str, out: Path, tok: dict, stage,
 
     # Every process evaluates (evaluate() is a collective under torchrun); the main one writes. Before
     # train() the model is at step 0 even when resuming, so this is the step-0 row either way.
+    model.to(resolve_device(cfg.train))
     initial = per_direction(model)
     initial_path = out / "initial.json"
     if d.main and not initial_path.exists():
