@@ -16,8 +16,11 @@ Kinds (per-utterance normalised, 4 consecutive 100 Hz frames stacked into one 25
   cep1-19        cepstra 1-19 of the log-mel (DCT; no energy, no pitch harmonics), mean/variance normalised
   cep0-12        cepstra 0-12 (MFCC-like), mean/variance normalised
   cep1-12-cmn    cepstra 1-12, mean normalised only
+  masked-L<n>    layer n of a HuBERT-style masked-prediction encoder trained first on the run's aligned and
+                 unlabeled audio (--masked-steps; scripts/masked_units.py), over the mel features
 
   .venv/bin/python scripts/probe_units.py --run-dir runs/demo
+  .venv/bin/python scripts/probe_units.py --run-dir runs/demo --kinds mel --masked-steps 2000 --masked-layers 2,3,4
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import torch
 import torchaudio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # masked_units, beside this file
 
 from zipper_cli.atomic import read_jsonl  # noqa: E402
 from zipper_cli.audio import read_audio  # noqa: E402
@@ -39,6 +43,7 @@ from zipper_cli.ctc_judge import ensure_ctc_judge  # noqa: E402
 from zipper_cli.ctc_judge_model import text_to_ids  # noqa: E402
 from zipper_cli.kmeans import assign, kmeans  # noqa: E402
 from zipper_cli.speech_tokenizer import log_mel, normalise_and_stack  # noqa: E402
+from masked_units import layer_features, train_masked  # noqa: E402
 
 STACK = 4  # 100 Hz frames per 25 Hz unit
 
@@ -90,6 +95,10 @@ def main() -> None:
     p.add_argument("--fit-utts", type=int, default=1200, help="aligned utterances k-means is fitted on")
     p.add_argument("--kinds", default=",".join(KINDS), help=f"comma-separated, of: {', '.join(KINDS)}")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--masked-steps", type=int, default=0, help="train the masked-prediction encoder this long "
+                   "and add its layers as kinds masked-L<n> (0: not)")
+    p.add_argument("--masked-layers", default="2,4", help="its layers to cluster (0 = the input projection)")
+    p.add_argument("--masked-targets", type=int, default=100, help="k-means clusters of the mel features it predicts")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     run = Path(a.run_dir)
@@ -105,12 +114,23 @@ def main() -> None:
     chars = char_per_frame(ensure_ctc_judge(run), wavs, [r.get("norm") or r["text"] for r in dev],
                            [m.shape[0] for m in mels])
     voices = np.unique([str(r.get("speaker", "")).split("@")[0] for r in dev], return_inverse=True)[1]
-    for kind in kinds:
-        feats = KINDS[kind]
-        centroids = kmeans(torch.cat([feats(m) for m in fit]).float(), a.k, seed=0).centroids
+    encoded = {kind: ([KINDS[kind](m) for m in fit], [KINDS[kind](m) for m in mels]) for kind in kinds}
+    if a.masked_steps:
+        train = [normalise_and_stack(log_mel(read_audio(r["audio"], start=r.get("start"), end=r.get("end"))), STACK)
+                 for role in ("aligned", "train-speech") for r in read_jsonl(run / "data" / f"{role}.jsonl")]
+        train = [f for f in train if len(f)]
+        c = kmeans(torch.cat(train[::5]), a.masked_targets, seed=0).centroids
+        model = train_masked(train, [assign(f, c)[0] for f in train], a.masked_targets, a.masked_steps,
+                             log=lambda s: print(s, file=sys.stderr, flush=True))
+        fit_mel, dev_mel = encoded["mel"] if "mel" in encoded else ([KINDS["mel"](m) for m in fit],
+                                                                    [KINDS["mel"](m) for m in mels])
+        for layer in map(int, a.masked_layers.split(",")):
+            encoded[f"masked-L{layer}"] = (layer_features(model, fit_mel, layer), layer_features(model, dev_mel, layer))
+    for kind, (fit_feats, dev_feats) in encoded.items():
+        centroids = kmeans(torch.cat(fit_feats).float(), a.k, seed=0).centroids
         units, labels, spk, changes, pairs = [], [], [], 0, 0
-        for m, ch, v in zip(mels, chars, voices):
-            u = assign(feats(m).float(), centroids)[0].numpy()
+        for f, ch, v in zip(dev_feats, chars, voices):
+            u = assign(f.float(), centroids)[0].numpy()
             c = ch[np.arange(len(u)) * STACK + STACK // 2]  # the character at each unit's centre
             keep = c >= 0  # frames before the first character
             units.append(u[keep])

@@ -47,3 +47,39 @@ def test_feature_kinds_stack_four_frames(probe):
     # the cepstra come from an orthonormal DCT basis, so no coefficient is scaled over another
     dct = probe._DCT
     assert torch.allclose(dct.t() @ dct, torch.eye(40), atol=1e-5)
+
+
+def test_span_mask_hides_spans_of_valid_frames_only(probe):
+    from masked_units import span_mask
+
+    g = torch.Generator().manual_seed(0)
+    lengths = [400, 250, 3]
+    mask = span_mask(lengths, 400, 0.13, 5, g)
+    for row, n in zip(mask, lengths):
+        assert not row[n:].any()  # padding is never a target
+    frac = mask[0].float().mean().item()
+    assert 0.4 < frac < 0.6  # 1 - 0.87^5 = 0.50 of the frames
+    # hidden frames come in runs: a lone hidden frame would need a span shorter than 5
+    runs = torch.diff(torch.cat([torch.tensor([0]), mask[0].int(), torch.tensor([0])])).nonzero().flatten()
+    assert (runs[1::2] - runs[::2]).min() >= 5
+
+
+def test_masked_encoder_learns_what_only_the_context_tells(probe):
+    """Targets that the masked frame itself cannot show (the input is zeroed there) but its neighbours
+    do (they repeat the target in 10-frame runs, longer than a masked span): training brings the masked
+    loss well under chance, and
+    unmasked layer features have the expected shapes."""
+    from masked_units import layer_features, train_masked
+
+    g = torch.Generator().manual_seed(0)
+    feats, targets = [], []
+    for _ in range(40):
+        y = torch.randint(0, 6, (6,), generator=g).repeat_interleave(10)  # [60]
+        feats.append(torch.nn.functional.one_hot(y, 8).float() + 0.1 * torch.randn(60, 8, generator=g))
+        targets.append(y)
+    losses = []
+    model = train_masked(feats, targets, 6, 300, batch_frames=600, lr=2e-3, d=64, n_layer=2,
+                         log=lambda s: losses.append(float(s.split("loss ")[1].split()[0])))
+    assert losses[0] > 1.6 and losses[-1] < 1.0  # chance: ln 6 = 1.79
+    out = layer_features(model, feats[:3], 2)
+    assert [tuple(o.shape) for o in out] == [(60, 64)] * 3

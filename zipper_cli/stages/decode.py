@@ -160,6 +160,7 @@ def decode(run_dir: Path, cfg: DecodeConfig, force: bool = False) -> dict | None
     tag = cfg.tag or default_tag(cfg, model)
     out = run_dir / "decode" / tag
     stage_cfg = config_dict(cfg) | {"model": model}
+    stage_cfg.pop("device")  # where it ran is not what it is: a decode started on a GPU may finish on CPU
     inputs = {"model": sha256_file(run_dir / model / "model.pt")}
     init_run_dir(run_dir)
     with open_stage(run_dir, f"decode-{tag}", stage_cfg, inputs, force=force, log=log,
@@ -205,7 +206,7 @@ def decode(run_dir: Path, cfg: DecodeConfig, force: bool = False) -> dict | None
         write_json(out / "config.json", stage_cfg | {"tag": tag, "input_modality": in_m, "split": cfg.split or
                                                      (None if (cfg.wavs or cfg.texts) else "test"),
                                                      "outputs": outputs, "kind": kind})
-        summary = {"utterances": len(rows), "generated_tokens": n_tokens, "seconds": round(seconds, 2),
+        summary = {"utterances": len(rows), "generated_tokens": n_tokens, "device": device, "seconds": round(seconds, 2),
                    "tokens_per_s": round(n_tokens / max(seconds, 1e-9), 1),
                    "ended": sum(all(r["ended"].values()) for r in rows), "hyp_sha256": sha256_file(out / "hyp.jsonl")}
         log(f"[decode] {len(rows)} utterances, {n_tokens} tokens in {seconds:.1f}s ({summary['tokens_per_s']:.0f} tok/s); "
