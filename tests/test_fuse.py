@@ -183,6 +183,37 @@ def test_fuse_errors(pretrained, tmp_path):
         fuse(run, small_fuse(arch="single-decoder", freeze="none", train=TrainConfig(tower_lr_mult=0.1)))
     with pytest.raises(ZipperError, match=r"--tower-lr-mult must be > 0 \(got 0.0\)"):
         fuse(run, small_fuse(train=TrainConfig(tower_lr_mult=0.0)))
+    with pytest.raises(ZipperError, match=r"--ctc-tts-weight must be >= 0 \(got -1.0\)"):
+        fuse(run, small_fuse(ctc_tts_weight=-1.0))
+    with pytest.raises(ZipperError, match=r"--ctc-tts-weight is a Zipper option"):
+        fuse(run, small_fuse(arch="single-decoder", freeze="none", ctc_tts_weight=1.0))
+
+
+def test_ctc_weights_apply_per_task_and_linearly():
+    """--ctc-weight scores ASR examples and --ctc-tts-weight TTS examples, each adding its weight times the
+    examples' CTC losses: on a mixed batch the two terms are those of the one-task batches."""
+    from test_generate import make_zipper
+    from zipper_cli.models.zipper import ZipperConfig
+    from zipper_cli.stages.fuse import ZipperLoss
+
+    model = make_zipper(zcfg=ZipperConfig(n_cross=2, ctc_head=True))
+    g = np.random.default_rng(0)
+    ex = {task: [Example(task, g.integers(4, 90, n), g.integers(0, 37, 3 * n + 5), f"{task}{n}") for n in (3, 6)]
+          for task in (ASR, TTS)}
+
+    def loss(examples, **kw):
+        with torch.no_grad():
+            return ZipperLoss(**kw)(model, examples, "cpu")[0].item()
+
+    for task, own, other in ((ASR, "ctc_weight", "ctc_tts_weight"), (TTS, "ctc_tts_weight", "ctc_weight")):
+        ce = loss(ex[task])
+        one = loss(ex[task], **{own: 1.0}) - ce
+        assert one > 0
+        assert loss(ex[task], **{own: 2.5}) - ce == pytest.approx(2.5 * one, rel=1e-6)  # float32 sums
+        assert loss(ex[task], **{other: 7.0}) == ce  # the other task's weight leaves these examples alone
+    mixed = ex[ASR] + ex[TTS]
+    parts = [loss(ex[t], ctc_weight=0.5, ctc_tts_weight=2.0) - loss(ex[t]) for t in (ASR, TTS)]
+    assert loss(mixed, ctc_weight=0.5, ctc_tts_weight=2.0) - loss(mixed) == pytest.approx(sum(parts), rel=1e-5)
 
 
 def test_aligned_subset_tag_and_resume(pretrained, tmp_path):

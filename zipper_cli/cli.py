@@ -153,6 +153,8 @@ def fuse(
     proj_layers: int = typer.Option(3, help="Depth of the ReLU MLPs."),
     dropout: float = typer.Option(0.0, help="Dropout in the fusion blocks (zipper) or the whole single decoder."),
     ctc_weight: float = typer.Option(0.0, "--ctc-weight", help="Auxiliary CTC loss on ASR examples (0 = the paper)."),
+    ctc_tts_weight: float = typer.Option(0.0, "--ctc-tts-weight",
+                                         help="The same CTC loss on TTS examples: an alignment signal (0 = off)."),
     gate_lr_mult: float = typer.Option(1.0, "--gate-lr-mult", help="LR multiplier of the tanh gates (start at 0)."),
     tower_lr_mult: float = typer.Option(1.0, "--tower-lr-mult", help="LR multiplier of the towers' own trained "
                                         "parameters (zipper; the fusion modules keep --lr)."),
@@ -175,7 +177,8 @@ def fuse(
 
     cfg = FuseConfig(arch=arch, tag=tag, freeze=freeze, aligned_fraction=aligned_fraction, aligned_count=aligned_count,
                      subset_seed=subset_seed, task_mix=task_mix, n_cross=n_cross, input_proj=input_proj,
-                     proj_layers=proj_layers, dropout=dropout, ctc_weight=ctc_weight, xattn_pos=xattn_pos,
+                     proj_layers=proj_layers, dropout=dropout, ctc_weight=ctc_weight,
+                     ctc_tts_weight=ctc_tts_weight, xattn_pos=xattn_pos,
                      xattn_prior=xattn_prior, gate_init=gate_init, clock_weight=clock_weight,
                      train=dataclasses.replace(_train_config(steps, lr, warmup, grad_clip, grad_accum, max_tokens,
                                                              eval_every, ckpt_every, keep_last, seed, precision, device),

@@ -56,10 +56,11 @@ if [ "$stage" -le 4 ] && [ "$stop_stage" -ge 4 ]; then
   # outputs, so the fusion learns from step 1 yet starts as the identity (--gate-init); a larger
   # learning rate for the gates; small batches (more updates per minute); dropout against memorising
   # the aligned set; an auxiliary CTC loss on the speech tower (weight 3: its head also scores the ASR
-  # decode in stage 5). None of these is in the paper: without
+  # decode in stage 5), on TTS examples too (--ctc-tts-weight 3: there the speech positions must learn
+  # from the text which character they say, an alignment signal). None of these is in the paper: without
   # them the fusion learns nothing in a CPU budget (README, "Why the demo fuses differently").
   $zipper fuse --run-dir "$run_dir" --arch zipper --freeze text --input-proj none --xattn-pos learned \
-    --xattn-prior 8 --gate-init 0.5 --gate-lr-mult 10 --ctc-weight 3 --dropout 0.1 --tag demo \
+    --xattn-prior 8 --gate-init 0.5 --gate-lr-mult 10 --ctc-weight 3 --ctc-tts-weight 3 --dropout 0.1 --tag demo \
     --steps "$fuse_steps" --lr 1e-3 --warmup 50 --max-tokens 2048 \
     --eval-every 100 --ckpt-every 100
 fi

@@ -16,7 +16,8 @@
 # Zipper models get the demo's cross-attention (a learned clock for positions on a shared time axis, a
 # diagonal start, open gates over zero-initialised branches) and its auxiliary CTC loss; every model is
 # decoded by beam search (ASR 4 beams, TTS 8), Zipper ASR jointly with its CTC head (the single decoder
-# has none). Without it: the paper's block, no CTC loss, greedy decoding.
+# has none). Without it: the paper's block, no CTC loss, greedy decoding. The demo's later
+# --ctc-tts-weight 3 is not among them: RESULTS.md was measured without it.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 

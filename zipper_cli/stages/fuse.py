@@ -66,6 +66,10 @@ class FuseConfig:
     ctc_weight: float = 0.0
     """--ctc-weight: weight of an auxiliary CTC loss on ASR examples (zipper only; 0 = the paper's
     training). Adds a CTC head that reads the speech tower through the last text<-speech projection g."""
+    ctc_tts_weight: float = 0.0
+    """--ctc-tts-weight: weight of the same CTC loss on TTS examples (zipper only; 0 = off). There the speech
+    positions come after the text, so the head can read the transcript through cross-attention: the loss
+    asks each speech position to know which character it is saying, an alignment signal for TTS."""
     xattn_pos: str = "none"
     """--xattn-pos: auto (rotary positions inside cross-attention, speech positions scaled onto the text
     axis by the aligned data's mean length ratio), learned (the same axis, but each speech token's place
@@ -94,6 +98,10 @@ class FuseConfig:
             raise ZipperError(f"--ctc-weight must be >= 0 (got {self.ctc_weight})")
         if self.ctc_weight > 0 and self.arch != "zipper":
             raise ZipperError("--ctc-weight is a Zipper option (the CTC head reads the speech tower)")
+        if not (math.isfinite(self.ctc_tts_weight) and self.ctc_tts_weight >= 0):
+            raise ZipperError(f"--ctc-tts-weight must be >= 0 (got {self.ctc_tts_weight})")
+        if self.ctc_tts_weight > 0 and self.arch != "zipper":
+            raise ZipperError("--ctc-tts-weight is a Zipper option (the CTC head reads the speech tower)")
         if self.xattn_pos not in ("auto", "learned", "none"):
             raise ZipperError(f"--xattn-pos must be auto, learned or none (got {self.xattn_pos!r})")
         if self.arch != "zipper" and (self.xattn_pos != "none" or self.xattn_prior):
@@ -124,7 +132,8 @@ class FuseConfig:
         pos_scale: the towers' shared-axis scales when --xattn-pos is auto (measured on the data)."""
         proj = () if self.input_proj in ("none", "") else tuple(x.strip() for x in self.input_proj.split(","))
         return ZipperConfig(n_cross=self.n_cross or min(4, max_cross), input_proj=proj, proj_layers=self.proj_layers,
-                            dropout=self.dropout, ctc_head=self.ctc_weight > 0, xattn_pos=pos_scale,
+                            dropout=self.dropout, ctc_head=self.ctc_weight > 0 or self.ctc_tts_weight > 0,
+                            xattn_pos=pos_scale,
                             xattn_clock=self.xattn_pos == "learned",
                             xattn_prior=self.xattn_prior, gate_init=self.gate_init)
 
@@ -139,11 +148,12 @@ class FuseConfig:
 
 class ZipperLoss:
     """Cross-entropy on the output modality of each example (ASR: text, TTS: speech), plus ctc_weight x
-    the CTC loss of the model's CTC head on ASR examples (speech positions -> transcript pieces), plus
-    clock_weight x sum over examples of log(speech clock end / text length)^2 (a learned clock only)."""
+    the CTC loss of the model's CTC head on ASR examples (speech positions -> transcript pieces) and
+    ctc_tts_weight x the same on TTS examples, plus clock_weight x sum over examples of log(speech clock
+    end / text length)^2 (a learned clock only)."""
 
-    def __init__(self, ctc_weight: float = 0.0, clock_weight: float = 0.0):
-        self.ctc_weight, self.clock_weight = ctc_weight, clock_weight
+    def __init__(self, ctc_weight: float = 0.0, clock_weight: float = 0.0, ctc_tts_weight: float = 0.0):
+        self.ctc_weight, self.clock_weight, self.ctc_tts_weight = ctc_weight, clock_weight, ctc_tts_weight
 
     def __call__(self, model, examples: list[Example], device):
         batch, targets = {}, {}
@@ -151,18 +161,18 @@ class ZipperLoss:
             tokens, valid, order, tgt = tower_batch(examples, m)
             batch[m] = (tokens.to(device), valid.to(device), order.to(device))
             targets[m] = tgt.to(device)
-        asr = [i for i, e in enumerate(examples) if e.task == ASR]
-        with_ctc = self.ctc_weight > 0 and bool(asr)
-        logits = model(batch, with_ctc=with_ctc, with_clock=self.clock_weight > 0)
+        weight = [self.ctc_weight if e.task == ASR else self.ctc_tts_weight for e in examples]
+        rows = [i for i, w in enumerate(weight) if w > 0]
+        logits = model(batch, with_ctc=bool(rows), with_clock=self.clock_weight > 0)
         loss = sum(F.cross_entropy(logits[m].float().flatten(0, 1), targets[m].flatten(), ignore_index=-100,
                                    reduction="sum") for m in ("text", "speech"))
-        if with_ctc:
-            log_probs = logits["ctc"][asr].float().log_softmax(-1).transpose(0, 1)  # [T_speech, B_asr, V_text]
-            pieces = [torch.as_tensor(examples[i].pieces, dtype=torch.long) for i in asr]
-            ctc = F.ctc_loss(log_probs, torch.cat(pieces).to(device), batch["speech"][1][asr].sum(1),
-                             torch.tensor([len(p) for p in pieces], device=device), blank=0, reduction="sum",
-                             zero_infinity=True)
-            loss = loss + self.ctc_weight * ctc
+        if rows:
+            log_probs = logits["ctc"][rows].float().log_softmax(-1).transpose(0, 1)  # [T_speech, B_ctc, V_text]
+            pieces = [torch.as_tensor(examples[i].pieces, dtype=torch.long) for i in rows]
+            ctc = F.ctc_loss(log_probs, torch.cat(pieces).to(device), batch["speech"][1][rows].sum(1),
+                             torch.tensor([len(p) for p in pieces], device=device), blank=0, reduction="none",
+                             zero_infinity=True)  # [B_ctc]
+            loss = loss + (torch.tensor([weight[i] for i in rows], device=device) * ctc).sum()
         if self.clock_weight > 0:
             n_text = batch["text"][1].sum(1).clamp(min=1).to(torch.float32)
             end = logits["clock"]["speech"].clamp(min=1e-3)  # [B]
@@ -290,7 +300,8 @@ def _fuse(run_dir: Path, cfg: FuseConfig, tag: str, out: Path, tok: dict, stage,
         depth = min(text_tower.cfg.n_layer, speech_tower.cfg.n_layer)
         model = Zipper.from_towers(cfg.zipper_config(depth, pos_scale), {"text": text_tower, "speech": speech_tower})
         model.freeze(cfg.frozen())
-        loss_fn = ZipperLoss(cfg.ctc_weight, cfg.clock_weight if cfg.xattn_pos == "learned" else 0.0)
+        loss_fn = ZipperLoss(cfg.ctc_weight, cfg.clock_weight if cfg.xattn_pos == "learned" else 0.0,
+                             cfg.ctc_tts_weight)
         meta = {"arch": "zipper", "zipper": model.cfg.to_dict(),
                 "towers": {n: t.cfg.to_dict() for n, t in model.towers.items()}}
     else:
