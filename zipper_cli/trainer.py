@@ -93,13 +93,11 @@ class TrainConfig:
                   (self.grad_clip >= 0, f"--grad-clip must be >= 0 (got {self.grad_clip})"),
                   (self.scalar_lr_mult > 0, f"--gate-lr-mult must be > 0 (got {self.scalar_lr_mult})"),
                   (self.tower_lr_mult > 0, f"--tower-lr-mult must be > 0 (got {self.tower_lr_mult})"),
-                  (self.precision in ("auto", "fp32", "bf16"), f"--precision must be auto, fp32 or bf16 (got {self.precision!r})"),
-                  (self.device in ("auto", "cpu", "cuda"), f"--device must be auto, cpu or cuda (got {self.device!r})")]
+                  (self.precision in ("auto", "fp32", "bf16"), f"--precision must be auto, fp32 or bf16 (got {self.precision!r})")]
         for ok, msg in checks:
             if not ok:
                 raise ZipperError(msg)
-        if self.device == "cuda" and not torch.cuda.is_available():
-            raise ZipperError("--device cuda: no CUDA device is available")
+        pick_device(self.device)  # --device: the same checks and messages as every stage
 
 
 def lr_at(cfg: TrainConfig, step: int) -> float:
