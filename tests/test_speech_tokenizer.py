@@ -320,3 +320,64 @@ def test_encodec_units(encodec_ckpt, tmp_path):
     missing = tmp_path / "none.th"
     with pytest.raises(ZipperError, match=f"--codec-checkpoint {missing}: no such file"):
         fit_speech_tokenizer(SpeechTokenizerConfig(kind="encodec", codec_checkpoint=str(missing)), [])
+
+
+# ----------------------------------------------------------------------------- ctc-kmeans
+
+
+@pytest.fixture(scope="module")
+def ctc_tok(tmp_path_factory):
+    """A ctc-kmeans tokenizer: a tiny CTC encoder trained on tone "speech" (test_ctc_judge's task), then k-means."""
+    from test_ctc_judge import tiny, tone_pairs
+    from zipper_cli.ctc_judge_train import train_ctc_judge
+
+    d = tmp_path_factory.mktemp("ctc") / "tok"
+    encoder = train_ctc_judge(tone_pairs(32, seed=1), tone_pairs(4, seed=2), tiny(steps=40, subsample=2),
+                              d / "encoder", log=lambda s: None)
+    cfg = SpeechTokenizerConfig(kind="ctc-kmeans", k=8, frame_rate=50)
+    tok = fit_speech_tokenizer(cfg, [w for w, _ in tone_pairs(8, seed=3)], log=lambda s: None, encoder=encoder)
+    tok.save(d)
+    return d, tok, encoder
+
+
+def test_ctc_kmeans_encodes_the_encoder_states_and_round_trips(ctc_tok):
+    from test_ctc_judge import tone_pairs
+    from zipper_cli.ctc_judge_model import features as ctc_input
+
+    d, tok, encoder = ctc_tok
+    wav = tone_pairs(1, seed=9)[0][0]
+    u = tok.encode(wav)
+    x = ctc_input(wav)
+    assert tok.frame_rate == 50.0 and len(u) == -(-x.shape[0] // 2)  # the encoder's stride, 100 Hz / 2
+    assert u.dtype == np.int16 and 0 <= u.min() and u.max() < 8 and len(np.unique(u)) > 1
+    with torch.no_grad():
+        h, _ = encoder.model.hidden(x[None], torch.tensor([x.shape[0]]))
+    assert np.array_equal(u, tok.encode_features(h[0]))  # the units are the nearest centroids of those states
+    assert tok.checkpoint_sha256 == encoder.version
+    back = SpeechTokenizer.load(d)
+    assert back.checksum == tok.checksum and np.array_equal(back.encode(wav), u)
+    assert sorted(p.name for p in d.iterdir()) == ["centroids.npy", "encoder", "tokenizer.json"]
+
+
+def test_ctc_kmeans_refuses_another_encoder(ctc_tok, tmp_path):
+    import shutil
+
+    from zipper_cli.ctc_judge_train import load_checkpoint
+
+    d = tmp_path / "tok"
+    shutil.copytree(ctc_tok[0], d)
+    state = load_checkpoint(d / "encoder" / "model.pt")
+    state["out.bias"] = state["out.bias"] + 1.0  # retrained, or edited: its checksum changes
+    torch.save(state, d / "encoder" / "model.pt")
+    with pytest.raises(ZipperError, match="model.pt: weights checksum"):
+        SpeechTokenizer.load(d)
+    shutil.rmtree(d / "encoder")
+    with pytest.raises(ZipperError, match="no trained CTC judge here"):
+        SpeechTokenizer.load(d)
+
+
+def test_ctc_kmeans_validation():
+    with pytest.raises(ZipperError, match="--ctc-encoder-steps 0: must be >= 1"):
+        SpeechTokenizerConfig(kind="ctc-kmeans", ctc_encoder_steps=0).validate()
+    with pytest.raises(ZipperError, match="--frame-rate 30: ctc-kmeans supports 100, 50 or 25 Hz"):
+        SpeechTokenizerConfig(kind="ctc-kmeans", frame_rate=30).validate()

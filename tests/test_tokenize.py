@@ -82,6 +82,36 @@ def test_resume_reuses_finished_shards(tmp_path, small_manifest):
     assert shard_bytes(run) == shard_bytes(tmp_path / "full")
 
 
+def test_ctc_kmeans_trains_its_encoder_on_the_aligned_role(tmp_path, small_manifest):
+    ctc = SpeechTokenizerConfig(kind="ctc-kmeans", k=16, frame_rate=50, ctc_encoder_steps=4)  # ~30 chars/s
+    cfg = replace(small_cfg(f"manifest:{small_manifest}"), speech=ctc)
+    run = tmp_path / "run"
+    tokenize(run, cfg)
+    enc = run / "tokenizers" / "speech" / "encoder"
+    meta = json.loads((enc / "judge.json").read_text())
+    # the aligned role (one of its 10 transcripts has more characters than 50 Hz frames can hold), 50 Hz
+    assert meta["train_utterances"] == 9 and meta["config"]["subsample"] == 2
+    tok = SpeechTokenizer.load(run / "tokenizers" / "speech")
+    assert tok.cfg.kind == "ctc-kmeans" and tok.checkpoint_sha256 == meta["version"]
+    for u, m in zip(load_role(run, "aligned", speech_tok=tok.checksum), read_jsonl(run / "data" / "aligned.jsonl")):
+        assert len(u["speech"]) == -(-(1 + int(m["duration"] * 16000) // 160) // 2)  # ceil(100 Hz frames / 2)
+    # A different encoder budget is another tokenizer: --force retrains the encoder, not reuses it.
+    tokenize(run, replace(cfg, speech=replace(ctc, ctc_encoder_steps=5)), force=True)
+    assert json.loads((enc / "judge.json").read_text())["config"]["steps"] == 5
+    assert SpeechTokenizer.load(run / "tokenizers" / "speech").checksum != tok.checksum
+
+
+def test_ctc_kmeans_needs_aligned_audio(tmp_path):
+    rows = [{"id": f"s{i}", "role": "speech", "audio": f"a{i}.wav", "text": None} for i in range(3)]
+    rows += [{"id": "t0", "role": "text", "text": "one two"}]
+    for r in rows[:3]:
+        write_wav(tmp_path / r["audio"], seconds=1.0, seed=1)
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = replace(small_cfg(f"manifest:{tmp_path / 'c.jsonl'}"), speech=SpeechTokenizerConfig(kind="ctc-kmeans", k=4))
+    with pytest.raises(ZipperError, match="^--speech-tokenizer ctc-kmeans: its encoder learns from the aligned role"):
+        tokenize(tmp_path / "run", cfg)
+
+
 def test_bad_inputs_are_rejected_and_the_rest_goes_on(tmp_path):
     a = tmp_path / "audio dir ü"
     rows = []

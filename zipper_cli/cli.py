@@ -51,13 +51,15 @@ def tokenize(
     max_text_words: int = typer.Option(100, help="Reject longer transcripts."),
     text_vocab: int = typer.Option(1000, help="Sentencepiece vocabulary size (upper bound)."),
     text_model: str = typer.Option("unigram", help="Sentencepiece model: unigram | bpe | char | word."),
-    speech_tokenizer: str = typer.Option("mel-kmeans", help="mel-kmeans | ssl-kmeans | encodec."),
+    speech_tokenizer: str = typer.Option("mel-kmeans", help="mel-kmeans | ssl-kmeans | ctc-kmeans | encodec."),
     units: int = typer.Option(512, help="Number of k-means speech units."),
-    frame_rate: int = typer.Option(25, help="mel-kmeans unit rate in Hz: 25, 50 or 100."),
+    frame_rate: int = typer.Option(25, help="mel-kmeans and ctc-kmeans unit rate in Hz: 25, 50 or 100."),
     dedup: bool = typer.Option(False, "--dedup", help="Collapse repeated units (loses durations)."),
     ssl_arch: str = typer.Option("hubert_base", help="ssl-kmeans: torchaudio model, e.g. hubert_base, wavlm_base."),
     ssl_layer: int = typer.Option(6, help="ssl-kmeans: transformer layer whose output is clustered."),
     ssl_checkpoint: Optional[Path] = typer.Option(None, help="ssl-kmeans: local state_dict of that model."),
+    ctc_encoder_steps: int = typer.Option(800, help="ctc-kmeans: training steps of its encoder (a CTC "
+                                          "recogniser trained on the aligned role)."),
     codec_checkpoint: Optional[Path] = typer.Option(None, help="encodec: local state_dict of the 24 kHz model."),
     codec_bandwidth: float = typer.Option(1.5, help="encodec: target bandwidth in kbps (units are codebook 0)."),
     seed: int = typer.Option(0, help="Seed for the tokenizers (k-means, sentencepiece)."),
@@ -82,7 +84,7 @@ def tokenize(
                                      max_fit_frames=max_fit_frames, ssl_arch=ssl_arch, ssl_layer=ssl_layer,
                                      ssl_checkpoint=str(ssl_checkpoint) if ssl_checkpoint else None,
                                      codec_checkpoint=str(codec_checkpoint) if codec_checkpoint else None,
-                                     codec_bandwidth=codec_bandwidth),
+                                     codec_bandwidth=codec_bandwidth, ctc_encoder_steps=ctc_encoder_steps),
         shard_size=shard_size, workers=workers, cache_dir=str(cache_dir) if cache_dir else None)
     run(run_dir, cfg, force=force)
 

@@ -278,6 +278,12 @@ class CTCModel(nn.Module):
         self.out = nn.Linear(cfg.dim, len(VOCAB))
 
     def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h, out_len = self.hidden(x, lengths)
+        return self.out(self.drop(h)), out_len
+
+    def hidden(self, x: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The last hidden states [B, ceil(T/subsample), dim] (after the final norm; what the output layer
+        reads; the ctc-kmeans speech tokenizer clusters them) + their lengths."""
         B, T, _ = x.shape
         mask_in = (torch.arange(T)[None, :] < lengths[:, None]).unsqueeze(-1).to(x.dtype)  # [B, T, 1]
         h = F.gelu(self.conv1(x * mask_in)) * mask_in  # padded frames back to zero before the next convolution
@@ -288,7 +294,7 @@ class CTCModel(nn.Module):
         h = self.front_norm(h) * mask
         for block in self.blocks:
             h = block(h, mask)
-        return self.out(self.drop(self.final_norm(h))), out_len
+        return self.final_norm(h), out_len
 
 
 def param_count(model: nn.Module) -> int:

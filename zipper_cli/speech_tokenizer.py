@@ -5,6 +5,12 @@ Kinds (--speech-tokenizer):
               --frame-rate (100, 50 or 25 Hz), then k-means (--units K). Needs no downloaded weights.
   ssl-kmeans  one transformer layer (--ssl-layer) of a torchaudio SSL model (--ssl-arch: hubert_base,
               wav2vec2_base, wavlm_base, ...) loaded from --ssl-checkpoint, at 50 Hz, then k-means.
+  ctc-kmeans  the last hidden layer of a small CTC character recogniser (ctc_judge_model.CTCModel, strided
+              to --frame-rate: 100, 50 or 25 Hz) that `zipper tokenize` first trains on the aligned role's
+              audio and transcripts (--ctc-encoder-steps), then k-means. Supervised units, as CosyVoice's
+              speech tokens: they follow the words more and the voice less than mel-kmeans units, but
+              they are learned from the aligned transcripts (see README). Stored in encoder/ beside
+              the centroids.
   encodec     EnCodec 24 kHz (--codec-checkpoint): the units are the codes of the first codebook
               (K=1024) at 75 Hz; codebook 0 does not depend on the bandwidth. No fitting.
 
@@ -34,7 +40,7 @@ from zipper_cli.atomic import atomic_path, sha256_file, sha256_json, write_json
 from zipper_cli.errors import ZipperError
 from zipper_cli.kmeans import Reservoir, assign, kmeans
 
-KINDS = ("mel-kmeans", "ssl-kmeans", "encodec")
+KINDS = ("mel-kmeans", "ssl-kmeans", "ctc-kmeans", "encodec")
 FORMAT = 1  # bump when the feature pipeline changes: it is part of the checksum
 SAMPLE_RATE = 16_000
 N_FFT, HOP = 400, 160  # 25 ms windows, 10 ms hop -> 100 Hz mel frames
@@ -52,8 +58,9 @@ class SpeechTokenizerConfig:
     k: int = 512
     """--units: number of k-means units (the speech vocabulary size). Ignored by encodec (always 1024)."""
     frame_rate: int = 25
-    """--frame-rate (Hz) for mel-kmeans: 100 Hz mel frames stacked by 100/frame_rate; 100, 50 or 25.
-    ssl-kmeans units are at 50 Hz and encodec units at 75 Hz whatever this says."""
+    """--frame-rate (Hz) for mel-kmeans (100 Hz mel frames stacked by 100/frame_rate) and ctc-kmeans (the
+    encoder's stride); 100, 50 or 25. ssl-kmeans units are at 50 Hz and encodec units at 75 Hz whatever
+    this says."""
     n_mels: int = 80
     """Mel bins per 100 Hz frame (mel-kmeans)."""
     dedup: bool = False
@@ -70,6 +77,8 @@ class SpeechTokenizerConfig:
     """--ssl-layer: which transformer layer's output (1-based) is clustered."""
     ssl_checkpoint: str | None = None
     """--ssl-checkpoint PATH: state_dict saved with torch.save; required for ssl-kmeans."""
+    ctc_encoder_steps: int = 800
+    """--ctc-encoder-steps: training steps of the ctc-kmeans encoder (the CTC judge's recipe otherwise)."""
     codec_checkpoint: str | None = None
     """--codec-checkpoint PATH: EnCodec 24 kHz state_dict (e.g. encodec_24khz-d7cc33bc.th); required for encodec."""
     codec_bandwidth: float = 1.5
@@ -83,11 +92,13 @@ class SpeechTokenizerConfig:
                 raise ZipperError(f"--units {self.k}: need between 2 and 32767 k-means units")
             if self.max_fit_frames < self.k:
                 raise ZipperError(f"max_fit_frames {self.max_fit_frames}: must be at least --units ({self.k})")
-        if self.kind == "mel-kmeans":
+        if self.kind in ("mel-kmeans", "ctc-kmeans"):
             if self.frame_rate not in MEL_FRAME_RATES:
-                raise ZipperError(f"--frame-rate {self.frame_rate}: mel-kmeans supports 100, 50 or 25 Hz")
+                raise ZipperError(f"--frame-rate {self.frame_rate}: {self.kind} supports 100, 50 or 25 Hz")
             if self.n_mels < 1:
                 raise ZipperError(f"n_mels {self.n_mels}: must be positive")
+        if self.kind == "ctc-kmeans" and self.ctc_encoder_steps < 1:
+            raise ZipperError(f"--ctc-encoder-steps {self.ctc_encoder_steps}: must be >= 1")
         if self.kind == "ssl-kmeans":
             if not callable(getattr(torchaudio.models, self.ssl_arch, None)):
                 raise ZipperError(f"--ssl-arch {self.ssl_arch!r}: not a torchaudio.models constructor "
@@ -114,6 +125,8 @@ def unit_settings(cfg: SpeechTokenizerConfig) -> dict:
               "n_fft": N_FFT, "hop": HOP, "log_eps": LOG_EPS}
     elif cfg.kind == "ssl-kmeans":
         s |= {"k": cfg.k, "ssl_arch": cfg.ssl_arch, "ssl_layer": cfg.ssl_layer}
+    elif cfg.kind == "ctc-kmeans":  # the encoder's weights checksum stands for its training
+        s |= {"k": cfg.k, "frame_rate": cfg.frame_rate}
     else:
         s |= {"codec_bandwidth": float(cfg.codec_bandwidth), "codec_sample_rate": CODEC_SAMPLE_RATE}
     return s
@@ -163,6 +176,17 @@ def _ssl_features(model: torch.nn.Module, x: torch.Tensor, layer: int) -> torch.
     return layers[-1][0].float()  # [T, D] at 50 Hz
 
 
+def _ctc_features(model: torch.nn.Module, wav: np.ndarray) -> torch.Tensor:
+    from .ctc_judge_model import features as ctc_input
+
+    x = ctc_input(wav, model.cfg.n_mels)  # [T, n_mels] at 100 Hz
+    if x.shape[0] == 0:
+        return torch.zeros(0, model.cfg.dim)
+    with torch.no_grad():
+        h, _ = model.hidden(x.unsqueeze(0), torch.tensor([x.shape[0]]))
+    return h[0]  # [ceil(T / subsample), dim]
+
+
 def normalise_and_stack(frames: torch.Tensor, stack: int) -> torch.Tensor:
     """[T, D] 100 Hz frames of one utterance -> [T // stack, stack * D]: mean/variance normalisation per
     column over the utterance (removes channel and loudness), then `stack` consecutive frames side by side,
@@ -182,6 +206,10 @@ def features(cfg: SpeechTokenizerConfig, wav: np.ndarray, model: torch.nn.Module
         return normalise_and_stack(lm, stack)
     if cfg.kind == "ssl-kmeans":
         return _ssl_features(model if model is not None else load_model(cfg)[0], _as_tensor(wav), cfg.ssl_layer)
+    if cfg.kind == "ctc-kmeans":
+        if model is None:
+            raise ValueError("features(): ctc-kmeans needs its trained encoder (SpeechTokenizer.load gives it)")
+        return _ctc_features(model, wav)
     raise ValueError("features(): encodec units are codec codes, there are no k-means features")
 
 
@@ -273,6 +301,8 @@ class SpeechTokenizer:
         cfg.validate()
         if (centroids is None) != (cfg.kind == "encodec"):
             raise ValueError(f"{cfg.kind} tokenizer: centroids are {'required' if centroids is None else 'not used'}")
+        if cfg.kind == "ctc-kmeans" and (model is None or checkpoint_sha256 is None):
+            raise ValueError("ctc-kmeans tokenizer: the trained encoder and its checksum are required")
         if checkpoint_sha256 is None and cfg.kind != "mel-kmeans":  # the checksum must cover the weights
             flag, path = _checkpoint_flag(cfg)
             if not Path(path).is_file():
@@ -285,7 +315,8 @@ class SpeechTokenizer:
         self._model = model
         self.checksum = tokenizer_checksum(cfg, self.centroids, checkpoint_sha256)
         self.vocab_size = CODEC_BINS if cfg.kind == "encodec" else cfg.k
-        rates = {"mel-kmeans": float(cfg.frame_rate), "ssl-kmeans": SSL_FRAME_RATE, "encodec": CODEC_FRAME_RATE}
+        rates = {"mel-kmeans": float(cfg.frame_rate), "ssl-kmeans": SSL_FRAME_RATE, "ctc-kmeans": float(cfg.frame_rate),
+                 "encodec": CODEC_FRAME_RATE}
         self.frame_rate = rates[cfg.kind]
 
     @property
@@ -326,7 +357,8 @@ class SpeechTokenizer:
         return codes[0, 0].numpy().astype(np.int16)
 
     def save(self, directory: str | Path) -> None:
-        """Write centroids.npy (k-means kinds) then tokenizer.json, each atomically."""
+        """Write centroids.npy (k-means kinds) then tokenizer.json, each atomically (a ctc-kmeans encoder is
+        already in directory/encoder/: it was trained there)."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         if self.centroids is not None:
@@ -377,7 +409,16 @@ class SpeechTokenizer:
                 raise ZipperError(f"{c_path}: expected float32 [{cfg.k}, D] centroids, got {arr.dtype} "
                                   f"{list(arr.shape)}; re-run zipper tokenize --force")
             centroids = torch.from_numpy(arr)
-        tok = cls(cfg, centroids, ckpt_sha)
+        model = None
+        if cfg.kind == "ctc-kmeans":
+            from .ctc_judge_train import load_ctc_judge
+
+            encoder = load_ctc_judge(directory / "encoder")
+            if encoder.version != ckpt_sha:
+                raise ZipperError(f"{directory / 'encoder'}: encoder {encoder.version} is not the one these units "
+                                  f"were made with ({ckpt_sha}); re-run zipper tokenize --force")
+            model = encoder.model
+        tok = cls(cfg, centroids, ckpt_sha, model)
         if tok.checksum != stored:
             files = f"{meta_path}" + ("" if centroids is None else f" or {directory / 'centroids.npy'}")
             raise ZipperError(f"speech tokenizer checksum mismatch: {files} changed after it was written "
@@ -397,11 +438,20 @@ def check_units_match(tokenizer_checksum: str, units_checksum: str, where: str) 
 
 
 def fit_speech_tokenizer(cfg: SpeechTokenizerConfig, wavs: Iterable[np.ndarray],
-                         log: Callable[[str], None] = print) -> SpeechTokenizer:
-    """Fit k-means on the features of these wavs (one pass; encodec needs no fit and reads none)."""
+                         log: Callable[[str], None] = print, encoder=None) -> SpeechTokenizer:
+    """Fit k-means on the features of these wavs (one pass; encodec needs no fit and reads none).
+    ctc-kmeans clusters the hidden states of `encoder`, a trained CTCJudge."""
     cfg.validate()
     t0 = time.time()
-    model, ckpt_sha = (None, None) if cfg.kind == "mel-kmeans" else load_model(cfg)
+    if cfg.kind == "ctc-kmeans":
+        if encoder is None:
+            raise ValueError("fit_speech_tokenizer: ctc-kmeans needs its trained encoder")
+        if 100 // encoder.cfg.subsample != cfg.frame_rate or 100 % encoder.cfg.subsample:
+            raise ValueError(f"fit_speech_tokenizer: the encoder's stride {encoder.cfg.subsample} does not give "
+                             f"--frame-rate {cfg.frame_rate}")
+        model, ckpt_sha = encoder.model.eval(), encoder.version
+    else:
+        model, ckpt_sha = (None, None) if cfg.kind == "mel-kmeans" else load_model(cfg)
     if cfg.kind == "encodec":
         log(f"speech tokenizer: encodec codebook-0 units (K={CODEC_BINS}, {CODEC_FRAME_RATE:g} Hz), no fitting")
         return SpeechTokenizer(cfg, None, ckpt_sha, model)
@@ -411,7 +461,7 @@ def fit_speech_tokenizer(cfg: SpeechTokenizerConfig, wavs: Iterable[np.ndarray],
         sample.add(features(cfg, wav, model))
         n_utts += 1
     x = sample.frames()
-    rate = cfg.frame_rate if cfg.kind == "mel-kmeans" else SSL_FRAME_RATE
+    rate = SSL_FRAME_RATE if cfg.kind == "ssl-kmeans" else cfg.frame_rate
     if x.shape[0] < cfg.k:
         raise ZipperError(f"--units {cfg.k}: the training audio gave only {sample.seen} feature frames "
                           f"({n_utts} utterances); use fewer units or more audio")

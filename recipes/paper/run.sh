@@ -71,7 +71,10 @@ for f in $fractions; do
 done
 
 if [ "$stage" -le 3 ] && [ "$stop_stage" -ge 1 ]; then
-  recipes/demo/run.sh --run-dir "$run_dir" --stage "$stage" --stop-stage "$(( stop_stage < 3 ? stop_stage : 3 ))"
+  # mel-kmeans units: the demo's ctc-kmeans units learn from all aligned transcripts, which would hand
+  # the smaller aligned fractions labels they are not supposed to have.
+  recipes/demo/run.sh --run-dir "$run_dir" --stage "$stage" --stop-stage "$(( stop_stage < 3 ? stop_stage : 3 ))" \
+    --speech-tokenizer mel-kmeans
 fi
 
 if [ "$stage" -le 4 ] && [ "$stop_stage" -ge 4 ]; then

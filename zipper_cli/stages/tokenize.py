@@ -141,7 +141,8 @@ def _speech_tokenizer(run_dir: Path, cfg: TokenizeConfig, rows: list[dict], inpu
             log("[tokenize] reusing the speech tokenizer fitted on these inputs")
             return SpeechTokenizer.load(out_dir)
 
-    frames_per_second = 75.0 if cfg.speech.kind == "encodec" else float(cfg.speech.frame_rate if cfg.speech.kind == "mel-kmeans" else 50)
+    frames_per_second = {"encodec": 75.0, "ssl-kmeans": 50.0}.get(cfg.speech.kind, float(cfg.speech.frame_rate))
+    encoder = _ctc_encoder(out_dir / "encoder", cfg, audio_rows, key) if cfg.speech.kind == "ctc-kmeans" else None
 
     def wavs():
         # Read just enough audio for max_fit_frames, in a seeded order; bad files are skipped here
@@ -159,10 +160,49 @@ def _speech_tokenizer(run_dir: Path, cfg: TokenizeConfig, rows: list[dict], inpu
 
     log(f"[tokenize] fitting the {cfg.speech.kind} speech tokenizer (K={cfg.speech.k}) on up to "
         f"{cfg.speech.max_fit_frames} frames")
-    tok = fit_speech_tokenizer(cfg.speech, wavs(), log=log)
+    tok = fit_speech_tokenizer(cfg.speech, wavs(), log=log, encoder=encoder)
     tok.save(out_dir)
     write_json(fit_json, {"key": key})
     return SpeechTokenizer.load(out_dir)
+
+
+def _ctc_encoder(out_dir: Path, cfg: TokenizeConfig, audio_rows: list[dict], key: str):
+    """The ctc-kmeans encoder: a CTC character recogniser trained (or resumed) in out_dir on the aligned
+    role's audio and transcripts, with the dev role for its progress lines. Strided to the unit rate.
+    out_dir/fit.json holds the tokenizer's fit key: an encoder of other inputs or settings is removed."""
+    import shutil
+
+    from ..ctc_judge_model import CTCJudgeConfig
+    from ..ctc_judge_train import train_ctc_judge
+
+    marker = out_dir / "fit.json"
+    if out_dir.exists() and (not marker.exists() or json.loads(marker.read_text()).get("key") != key):
+        log(f"[tokenize] {out_dir} was trained for other inputs or settings; retraining it")
+        shutil.rmtree(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json(marker, {"key": key})
+
+    def pairs(role):
+        out = []
+        for r in audio_rows:
+            if r["role"] == role and r.get("norm"):
+                try:
+                    out.append((read_audio(r["audio"], cfg.limits, r.get("start"), r.get("end")), r["norm"]))
+                except AudioReject:
+                    continue  # rejected with its reason by the encoding pass
+        return out
+
+    train = pairs("aligned")
+    if not train:
+        raise ZipperError("--speech-tokenizer ctc-kmeans: its encoder learns from the aligned role (audio with "
+                          "transcripts), and the corpora give none")
+    ccfg = CTCJudgeConfig(subsample=100 // cfg.speech.frame_rate, steps=cfg.speech.ctc_encoder_steps,
+                          seed=cfg.speech.seed)
+    log(f"[tokenize] training the ctc-kmeans encoder on {len(train)} aligned utterances")
+    try:
+        return train_ctc_judge(train, pairs("dev"), ccfg, out_dir, log=log)
+    except ZipperError as e:
+        raise ZipperError(f"--speech-tokenizer ctc-kmeans encoder: {e}") from None
 
 
 # One tokenizer per worker process, loaded once by the pool initializer.
