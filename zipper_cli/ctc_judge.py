@@ -37,7 +37,7 @@ from .text_norm import normalize_text
 
 __all__ = ["BLANK", "CHAR_TO_ID", "FORMAT", "JUDGE_SUBDIR", "SAMPLE_RATE", "VOCAB", "CTCJudge", "CTCJudgeConfig",
            "CTCModel", "ctc_collapse", "ensure_ctc_judge", "features", "greedy_decode", "ids_to_text",
-           "load_ctc_judge", "lr_at", "param_count", "text_to_ids", "train_ctc_judge"]
+           "load_ctc_judge", "lr_at", "param_count", "read_pairs", "text_to_ids", "train_ctc_judge"]
 
 JUDGE_SUBDIR = Path("judges") / "ctc"
 
@@ -45,16 +45,18 @@ JUDGE_SUBDIR = Path("judges") / "ctc"
 # ---------------------------------------------------------------------------------------------- run directories
 
 
-def _read_pairs(manifest: Path, log) -> list[tuple[np.ndarray, str]]:
-    from .audio import AudioReject, read_audio
+def read_pairs(rows, where, log, limits=None) -> list[tuple[np.ndarray, str]]:
+    """(16 kHz wav, normalised transcript) of manifest rows with a transcript and readable audio (within
+    `limits`, default AudioLimits()); the others are skipped, and counted in one log line naming `where`."""
+    from .audio import AudioLimits, AudioReject, read_audio
 
     pairs, bad = [], 0
-    for r in read_jsonl(manifest):
+    for r in rows:
         text = r.get("norm") or normalize_text(r.get("text") or "")
         if not text:
             continue
         try:
-            wav = read_audio(r["audio"], start=r.get("start"), end=r.get("end"))
+            wav = read_audio(r["audio"], limits or AudioLimits(), r.get("start"), r.get("end"))
         except AudioReject as e:
             bad += 1
             if bad <= 3:
@@ -62,7 +64,7 @@ def _read_pairs(manifest: Path, log) -> list[tuple[np.ndarray, str]]:
             continue
         pairs.append((wav, text))
     if bad:
-        log(f"[ctc-judge] {manifest}: {bad} utterances with unreadable audio skipped")
+        log(f"[ctc-judge] {where}: {bad} utterances with unreadable audio skipped")
     return pairs
 
 
@@ -102,9 +104,9 @@ def ensure_ctc_judge(run_dir: str | Path, log: Callable[[str], None] = console_l
         if judge is not None:
             return judge
         log(f"[ctc-judge] training the CTC judge on {aligned} (ground-truth audio of the training split)")
-        pairs = _read_pairs(aligned, log)
+        pairs = read_pairs(read_jsonl(aligned), aligned, log)
         if not pairs:
             raise ZipperError(f"{aligned}: no utterances with a transcript and readable audio to train the CTC judge")
         dev = run_dir / "data" / "dev.jsonl"
-        dev_pairs = _read_pairs(dev, log) if dev.exists() else []
+        dev_pairs = read_pairs(read_jsonl(dev), dev, log) if dev.exists() else []
         return train_ctc_judge(pairs, dev_pairs, cfg or CTCJudgeConfig(), out_dir, log)

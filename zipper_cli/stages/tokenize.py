@@ -172,6 +172,7 @@ def _ctc_encoder(out_dir: Path, cfg: TokenizeConfig, audio_rows: list[dict], key
     out_dir/fit.json holds the tokenizer's fit key: an encoder of other inputs or settings is removed."""
     import shutil
 
+    from ..ctc_judge import read_pairs
     from ..ctc_judge_model import CTCJudgeConfig
     from ..ctc_judge_train import train_ctc_judge
 
@@ -183,14 +184,7 @@ def _ctc_encoder(out_dir: Path, cfg: TokenizeConfig, audio_rows: list[dict], key
     write_json(marker, {"key": key})
 
     def pairs(role):
-        out = []
-        for r in audio_rows:
-            if r["role"] == role and r.get("norm"):
-                try:
-                    out.append((read_audio(r["audio"], cfg.limits, r.get("start"), r.get("end")), r["norm"]))
-                except AudioReject:
-                    continue  # rejected with its reason by the encoding pass
-        return out
+        return read_pairs([r for r in audio_rows if r["role"] == role], f"the {role} role", log, cfg.limits)
 
     train = pairs("aligned")
     if not train:
