@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -14,7 +15,8 @@ from conftest import make_small_manifest
 from zipper_cli.checkpoint import load_checkpoint
 from zipper_cli.errors import ZipperError
 from zipper_cli.shards import load_role
-from zipper_cli.fusion_data import ASR, TTS, Example, make_examples, nested_subset, parse_task_mix, tower_batch
+from zipper_cli.fusion_data import (ASR, LM, TTS, Example, make_examples, make_rehearsal, nested_subset, parse_task_mix,
+                                   tower_batch)
 from zipper_cli.speech_tokenizer import SpeechTokenizerConfig
 from zipper_cli.stages.fuse import FuseConfig, fuse, load_fused
 from zipper_cli.stages.pretrain import PretrainConfig, load_tower, pretrain
@@ -51,6 +53,45 @@ def test_task_mix_and_tower_batches():
     tok, valid, order, tgt = tower_batch([asr, tts], "speech")
     assert tok.tolist() == [[1, 3, 4, 5, 2], [1, 3, 4, 5, 0]] and order[1, :4].tolist() == [4, 5, 6, 7]
     assert tgt.tolist() == [[-100] * 5, [3, 4, 5, 2, -100]]
+
+
+def test_rehearsal_examples_are_speech_first_with_an_empty_text():
+    utts = [{"id": f"s{i}", "text": None, "speech": np.arange(i + 1)} for i in range(4)]
+    ex = make_rehearsal(utts, 10, seed=0, max_units=3)
+    assert len(ex) == 10 and all(e.task == LM and len(e.pieces) == 0 for e in ex)
+    counts = sorted(Counter(e.uid for e in ex).values())
+    assert counts == [2, 2, 3, 3]  # cycles through whole passes: no utterance twice before each once
+    assert max(len(e.units) for e in ex) == 3  # cut to max_units
+    assert [e.uid for e in make_rehearsal(utts, 10, seed=0)] == [e.uid for e in ex]  # seeded
+    lm = Example(LM, np.zeros(0, dtype=np.int64), np.array([0, 1, 2]), "s")
+    tok, valid, order, tgt = tower_batch([lm], "speech")  # the speech tower's LM: first, all targets
+    assert tok.tolist() == [[1, 3, 4, 5]] and tgt.tolist() == [[3, 4, 5, 2]] and order.tolist() == [[0, 1, 2, 3]]
+    tok, valid, order, tgt = tower_batch([lm], "text")  # [begin][end] after the speech, nothing to predict
+    assert tok.tolist() == [[2, 3]] and tgt.tolist() == [[-100, -100]] and order.tolist() == [[5, 6]]
+
+
+def test_rehearsal_rows_are_the_speech_tower_alone():
+    """An LM example sees no text (its text comes after the speech), so the fused model's speech logits for
+    it are the speech tower's own, however far the fusion modules have trained; its loss is that tower's
+    cross-entropy, with no CTC or clock term."""
+    from test_generate import make_zipper
+    from zipper_cli.models.zipper import ZipperConfig
+    from zipper_cli.stages.fuse import ZipperLoss
+
+    # make_zipper randomises the fusion modules and opens the gates: a fusion that has trained.
+    model = make_zipper(zcfg=ZipperConfig(n_cross=2, ctc_head=True, input_proj=(), xattn_pos={"text": 1.0, "speech": 0.5},
+                                          xattn_clock=True))
+    g = np.random.default_rng(0)
+    lm = [Example(LM, np.zeros(0, dtype=np.int64), g.integers(0, 37, n), f"s{n}") for n in (5, 9)]
+    batch = {m: tuple(t for t in tower_batch(lm, m)[:3]) for m in ("text", "speech")}
+    with torch.no_grad():
+        fused = model(batch)["speech"]
+        alone = model.towers["speech"](batch["speech"][0])
+        assert torch.equal(fused, alone)
+        tgt = tower_batch(lm, "speech")[3]
+        ce = torch.nn.functional.cross_entropy(alone.flatten(0, 1), tgt.flatten(), ignore_index=-100, reduction="sum")
+        loss, n = ZipperLoss(ctc_weight=1.0, ctc_tts_weight=1.0, clock_weight=1.0)(model, lm, "cpu")
+    assert n == 5 + 9 + 2 and loss.item() == pytest.approx(ce.item(), rel=1e-6)
 
 
 @pytest.fixture(scope="module")
@@ -214,6 +255,27 @@ def test_ctc_weights_apply_per_task_and_linearly():
     mixed = ex[ASR] + ex[TTS]
     parts = [loss(ex[t], ctc_weight=0.5, ctc_tts_weight=2.0) - loss(ex[t]) for t in (ASR, TTS)]
     assert loss(mixed, ctc_weight=0.5, ctc_tts_weight=2.0) - loss(mixed) == pytest.approx(sum(parts), rel=1e-5)
+
+
+def test_rehearsal_trains_on_the_speech_role_and_logs_the_towers_drift(pretrained, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(pretrained, run)
+    z = fuse(run, small_fuse(tag="r", rehearsal=0.5, train=TrainConfig(max_steps=6, lr=3e-3, warmup_steps=1,
+                                                                      max_tokens=512, eval_every=3, ckpt_every=3)))
+    # Step 0: the fused model is its towers, so the conditional TTS loss is the speech tower's LM loss.
+    assert z["initial"]["dev_lm_loss"] == pytest.approx(z["initial"]["dev_tts_loss"], rel=1e-6)
+    assert z["final"]["dev_lm_loss"] != z["initial"]["dev_lm_loss"]  # the speech tower trained
+    rows = [json.loads(x) for x in (run / "fused" / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert all("dev_lm_loss" in r for r in rows if "dev_asr_loss" in r)
+    done = json.loads((run / "stages" / "fuse-r.done.json").read_text())
+    assert done["config"]["rehearsal"] == 0.5
+    with pytest.raises(ZipperError, match=r"^--rehearsal must be >= 0 \(got -1.0\)$"):
+        fuse(run, small_fuse(rehearsal=-1.0))
+    msg = "--rehearsal trains the speech tower of a Zipper: it needs --arch zipper and a --freeze that leaves"
+    with pytest.raises(ZipperError, match=msg):
+        fuse(run, small_fuse(rehearsal=1.0, freeze="text,speech"))
+    with pytest.raises(ZipperError, match=msg):
+        fuse(run, small_fuse(rehearsal=1.0, arch="single-decoder", freeze="none"))
 
 
 def test_aligned_subset_tag_and_resume(pretrained, tmp_path):

@@ -169,6 +169,8 @@ def fuse(
                                        "that makes the speech clock end at the transcript's length."),
     gate_init: float = typer.Option(0.0, "--gate-init", help="0: closed tanh gates (the paper's); else open gates "
                                     "over zero-initialised branch outputs (still the identity at step 0)."),
+    rehearsal: float = typer.Option(0.0, "--rehearsal", help="Speech-LM examples on the unlabeled speech per TTS "
+                                    "example: keeps the trained speech tower's language model (0 = the paper)."),
     steps: int = Steps, lr: float = Lr, warmup: int = Warmup, grad_clip: float = GradClip, grad_accum: int = GradAccum,
     max_tokens: int = MaxTokens, eval_every: int = EvalEvery, ckpt_every: int = CkptEvery, keep_last: int = KeepLast,
     seed: int = Seed, precision: str = Precision, device: str = Device,
@@ -181,7 +183,7 @@ def fuse(
                      subset_seed=subset_seed, task_mix=task_mix, n_cross=n_cross, input_proj=input_proj,
                      proj_layers=proj_layers, dropout=dropout, ctc_weight=ctc_weight,
                      ctc_tts_weight=ctc_tts_weight, xattn_pos=xattn_pos,
-                     xattn_prior=xattn_prior, gate_init=gate_init, clock_weight=clock_weight,
+                     xattn_prior=xattn_prior, gate_init=gate_init, clock_weight=clock_weight, rehearsal=rehearsal,
                      train=dataclasses.replace(_train_config(steps, lr, warmup, grad_clip, grad_accum, max_tokens,
                                                              eval_every, ckpt_every, keep_last, seed, precision, device),
                                                scalar_lr_mult=gate_lr_mult, tower_lr_mult=tower_lr_mult))

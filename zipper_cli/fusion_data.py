@@ -2,7 +2,9 @@
 
 An example is one utterance in one direction:
   ASR  [speech][text]  the speech tower reads all of the speech, the text tower is trained on the text;
-  TTS  [text][speech]  the text tower reads all of the text, the speech tower is trained on the units.
+  TTS  [text][speech]  the text tower reads all of the text, the speech tower is trained on the units;
+  LM   [speech][]      rehearsal (fuse --rehearsal): unlabeled speech, the speech tower trained as the plain
+                       language model it was pretrained as (empty text after it: nothing to cross-attend).
 Each tower gets (tokens, valid, order, targets): `order` is the token's position in the example's linear
 sequence, which the Zipper model uses to mask cross-attention (a token sees the other modality's tokens
 that come before it); targets are -100 except on the output modality.
@@ -19,14 +21,15 @@ import torch
 from .errors import ZipperError
 from .vocab import specials, to_sequence
 
-ASR, TTS = "asr", "tts"
-OUTPUT = {ASR: "text", TTS: "speech"}
+ASR, TTS, LM = "asr", "tts", "lm"
+OUTPUT = {ASR: "text", TTS: "speech", LM: "speech"}
+TASKS = (ASR, TTS, LM)
 
 
 @dataclass(frozen=True)
 class Example:
     task: str
-    """asr or tts."""
+    """asr, tts or lm (speech only: rehearsal)."""
     pieces: np.ndarray
     """Raw text tokens (sentencepiece ids, no bos/eos)."""
     units: np.ndarray
@@ -87,6 +90,15 @@ def make_examples(utts: list[dict], mix: tuple[float, float], seed: int) -> list
     return out
 
 
+def make_rehearsal(utts: list[dict], n: int, seed: int, max_units: int | None = None) -> list[Example]:
+    """n speech-only (LM) examples from `utts` (unlabeled speech), a seeded order cycling through them;
+    units beyond max_units are cut (the speech tower's context, less its begin and end tokens)."""
+    rng = np.random.default_rng(seed + 1)  # not the aligned examples' stream
+    order = np.concatenate([rng.permutation(len(utts)) for _ in range(-(-n // len(utts)))])[:n] if n else []
+    empty = np.zeros(0, dtype=np.int64)
+    return [Example(LM, empty, np.asarray(utts[i]["speech"])[:max_units], utts[i]["id"]) for i in sorted(order)]
+
+
 def tower_batch(examples: list[Example], modality: str) -> tuple[torch.Tensor, ...]:
     """(tokens, valid, order, targets) [B, T] for one tower over a batch of examples."""
     pad = specials(modality)[0]
@@ -97,7 +109,7 @@ def tower_batch(examples: list[Example], modality: str) -> tuple[torch.Tensor, .
         is_output = OUTPUT[ex.task] == modality
         inp = seq[:-1] if is_output else seq  # the output modality is teacher-forced; the input is read whole
         tgt = seq[1:] if is_output else np.full(len(seq), -100)
-        first = (ex.task == ASR) == (modality == "speech")  # is this modality first in the linear order?
+        first = (ex.task != TTS) == (modality == "speech")  # is this modality first in the linear order?
         start = 0 if first else other_len
         rows.append((inp, tgt, start))
     T = max(len(r[0]) for r in rows)

@@ -22,7 +22,8 @@ from ..atomic import atomic_path, read_jsonl, sha256_file, write_json
 from ..checkpoint import load_state
 from ..console import log
 from ..errors import ZipperError
-from ..fusion_data import ASR, TTS, Example, make_examples, nested_subset, parse_task_mix, tower_batch
+from ..fusion_data import (ASR, LM, TASKS, TTS, Example, make_examples, make_rehearsal, nested_subset,
+                           parse_task_mix, tower_batch)
 from ..models.single_decoder import SingleDecoderVocab, build_single_decoder
 from ..models.tower import Tower, TowerConfig
 from ..models.zipper import Zipper, ZipperConfig
@@ -84,6 +85,11 @@ class FuseConfig:
     ratio of where the speech clock ends to the transcript's length, so that the clock learns each
     utterance's speaking rate from the audio (0 = off: the clock learns from the cross-attention alone).
     On the demo, 1.0 cut the clock's length error from 0.22 to 0.17 but did not decode better (README)."""
+    rehearsal: float = 0.0
+    """--rehearsal: also train the speech tower as the plain speech language model it was pretrained as,
+    on the speech role (unlabeled audio), this many examples per TTS example (zipper with the speech tower
+    trained; 0 = the paper's training). Rehearsal against forgetting: without it the tower drifts from
+    its language model while it learns from the small aligned set (README)."""
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def validate(self) -> None:
@@ -114,6 +120,11 @@ class FuseConfig:
             raise ZipperError("--gate-init is a Zipper option (the single decoder has no gates)")
         if self.arch != "zipper" and self.train.tower_lr_mult != 1.0:
             raise ZipperError("--tower-lr-mult is a Zipper option (the single decoder is one network: use --lr)")
+        if not (math.isfinite(self.rehearsal) and self.rehearsal >= 0):
+            raise ZipperError(f"--rehearsal must be >= 0 (got {self.rehearsal})")
+        if self.rehearsal and (self.arch != "zipper" or "speech" in self.frozen()):
+            raise ZipperError("--rehearsal trains the speech tower of a Zipper: it needs --arch zipper and a "
+                              "--freeze that leaves the speech tower trained")
         parse_task_mix(self.task_mix)
         self.train.validate()
         self.zipper_config(pos_scale={"text": 1.0, "speech": 1.0} if self.xattn_pos != "none" else None).validate()
@@ -147,10 +158,11 @@ class FuseConfig:
 
 
 class ZipperLoss:
-    """Cross-entropy on the output modality of each example (ASR: text, TTS: speech), plus ctc_weight x
-    the CTC loss of the model's CTC head on ASR examples (speech positions -> transcript pieces) and
-    ctc_tts_weight x the same on TTS examples, plus clock_weight x sum over examples of log(speech clock
-    end / text length)^2 (a learned clock only)."""
+    """Cross-entropy on the output modality of each example (ASR: text, TTS and LM: speech), plus
+    ctc_weight x the CTC loss of the model's CTC head on ASR examples (speech positions -> transcript
+    pieces) and ctc_tts_weight x the same on TTS examples, plus clock_weight x sum over ASR and TTS
+    examples of log(speech clock end / text length)^2 (a learned clock only). LM examples have no text:
+    neither auxiliary loss applies to them."""
 
     def __init__(self, ctc_weight: float = 0.0, clock_weight: float = 0.0, ctc_tts_weight: float = 0.0):
         self.ctc_weight, self.clock_weight, self.ctc_tts_weight = ctc_weight, clock_weight, ctc_tts_weight
@@ -161,7 +173,7 @@ class ZipperLoss:
             tokens, valid, order, tgt = tower_batch(examples, m)
             batch[m] = (tokens.to(device), valid.to(device), order.to(device))
             targets[m] = tgt.to(device)
-        weight = [self.ctc_weight if e.task == ASR else self.ctc_tts_weight for e in examples]
+        weight = [{ASR: self.ctc_weight, TTS: self.ctc_tts_weight}.get(e.task, 0.0) for e in examples]
         rows = [i for i, w in enumerate(weight) if w > 0]
         logits = model(batch, with_ctc=bool(rows), with_clock=self.clock_weight > 0)
         loss = sum(F.cross_entropy(logits[m].float().flatten(0, 1), targets[m].flatten(), ignore_index=-100,
@@ -176,7 +188,8 @@ class ZipperLoss:
         if self.clock_weight > 0:
             n_text = batch["text"][1].sum(1).clamp(min=1).to(torch.float32)
             end = logits["clock"]["speech"].clamp(min=1e-3)  # [B]
-            loss = loss + self.clock_weight * (end.log() - n_text.log()).square().sum()
+            paired = torch.tensor([e.task != LM for e in examples], device=device)
+            loss = loss + self.clock_weight * ((end.log() - n_text.log()).square() * paired).sum()
         return loss, int(sum((t != -100).sum() for t in targets.values()))
 
     @staticmethod
@@ -297,6 +310,14 @@ def _fuse(run_dir: Path, cfg: FuseConfig, tag: str, out: Path, tok: dict, stage,
     torch.manual_seed(cfg.train.seed)
     if cfg.arch == "zipper":
         speech_tower, _ = load_tower(tower_dir(run_dir, "speech"))
+        # The speech tower alone on the dev speech (dev_lm_loss): how far it drifts from its LM.
+        dev_ex[LM] = make_rehearsal(dev, len(dev), 0)
+        if cfg.rehearsal:
+            speech = [u for u in load_role(run_dir, "speech", speech_tok=tok["speech_tokenizer"]) if len(u["speech"])]
+            if not speech:
+                raise ZipperError(f"--rehearsal: the speech role of {run_dir} has no audio to rehearse on")
+            n = round(cfg.rehearsal * sum(e.task == TTS for e in train_ex))
+            train_ex += make_rehearsal(speech, n, cfg.train.seed, speech_tower.cfg.max_seq_len - 2)
         depth = min(text_tower.cfg.n_layer, speech_tower.cfg.n_layer)
         model = Zipper.from_towers(cfg.zipper_config(depth, pos_scale), {"text": text_tower, "speech": speech_tower})
         model.freeze(cfg.frozen())
@@ -338,10 +359,11 @@ def _fuse(run_dir: Path, cfg: FuseConfig, tag: str, out: Path, tok: dict, stage,
         write_json(out / "config.json", meta)
         log(f"[{stage.name}] {cfg.arch}: {n_total / 1e6:.2f}M parameters, {n_train / 1e6:.2f}M trainable; "
             f"{len(aligned)} aligned utterances -> {sum(e.task == ASR for e in train_ex)} ASR + "
-            f"{sum(e.task == TTS for e in train_ex)} TTS examples")
+            f"{sum(e.task == TTS for e in train_ex)} TTS examples"
+            + (f" + {sum(e.task == LM for e in train_ex)} speech-LM (rehearsal)" if cfg.rehearsal else ""))
     summary = train(out, model, train_ex, dev_ex[ASR] + dev_ex[TTS], [len(e) for e in train_ex], loss_fn, cfg.train,
                     log=log if d.main else (lambda *_: None), extra_metrics=per_direction,
-                    groups=[int(e.task == TTS) for e in train_ex])
+                    groups=[TASKS.index(e.task) for e in train_ex])
     final = per_direction(model)  # collective too: before the main-only part
     if not d.main:
         return summary
@@ -353,7 +375,7 @@ def _fuse(run_dir: Path, cfg: FuseConfig, tag: str, out: Path, tok: dict, stage,
         plot_gates(rows, out / "gates.png", tag)
     summary |= {"params": n_total, "trainable_params": n_train, "aligned_utterances": len(aligned),
                 "initial": initial, "final": final}
-    for task in (ASR, TTS):
+    for task in TASKS:
         key = f"dev_{task}_loss"
         if key in initial:
             log(f"[{stage.name}] dev {task.upper()} loss {initial[key]:.4f} at step 0 -> {final[key]:.4f}")
