@@ -322,3 +322,41 @@ def test_zipper_under_two_gloo_processes_equals_one_process(pretrained, tmp_path
     # DDP bug (no averaging, wrong shards) moves weights by about lr x steps = 1e-2.
     for k in w1:
         torch.testing.assert_close(w1[k], w2[k], rtol=1e-3, atol=1e-4)
+
+
+def test_clock_align_loss_is_gated_by_the_ctc_head_and_trains_the_clock(monkeypatch):
+    """--clock-align-weight adds weight x (Huber distance of the speech clock from the CTC forced alignment)
+    on ASR examples whose transcript the CTC head reads; none while the head reads none of them."""
+    from test_generate import make_zipper
+    from zipper_cli.models.zipper import ZipperConfig
+    from zipper_cli.stages import fuse as fuse_mod
+    from zipper_cli.stages.fuse import ZipperLoss
+
+    model = make_zipper(dtype=torch.float32, zcfg=ZipperConfig(n_cross=2, ctc_head=True, input_proj=(),
+                                                               xattn_pos={"text": 1.0, "speech": 0.5}, xattn_clock=True))
+    g = np.random.default_rng(0)
+    ex = [Example(ASR, g.integers(4, 90, n), g.integers(0, 37, 3 * n + 5), f"a{n}") for n in (3, 6)]
+    ex += [Example(TTS, g.integers(4, 90, 4), g.integers(0, 37, 17), "t")]
+
+    def loss(**kw):
+        return ZipperLoss(ctc_weight=1.0, **kw)(model, ex, "cpu")[0]
+
+    base = loss().item()
+    monkeypatch.setattr(fuse_mod, "ALIGN_MAX_NATS", 0.0)  # the head reads nothing yet: no alignment term
+    assert loss(clock_align_weight=5.0).item() == base
+    monkeypatch.setattr(fuse_mod, "ALIGN_MAX_NATS", float("inf"))
+    one = loss(clock_align_weight=1.0).item() - base
+    assert one > 0 and loss(clock_align_weight=3.0).item() - base == pytest.approx(3 * one, rel=1e-4)
+    model.zero_grad()
+    (loss(clock_align_weight=1.0) - loss()).backward()
+    assert model.clock["speech"].weight.grad.abs().sum() > 0  # it is the clock that learns from it
+
+
+def test_clock_align_errors(pretrained, tmp_path):
+    msg = r"--clock-align-weight needs --xattn-pos learned \(the clock it trains\) and --ctc-weight \(the CTC head that aligns\)"
+    with pytest.raises(ZipperError, match=msg):
+        fuse(tmp_path / "run", small_fuse(xattn_pos="auto", ctc_weight=1.0, clock_align_weight=1.0))
+    with pytest.raises(ZipperError, match=msg):
+        fuse(tmp_path / "run", small_fuse(xattn_pos="learned", clock_align_weight=1.0))
+    with pytest.raises(ZipperError, match=r"--clock-align-weight must be >= 0 \(got -1.0\)"):
+        fuse(tmp_path / "run", small_fuse(xattn_pos="learned", ctc_weight=1.0, clock_align_weight=-1.0))

@@ -169,6 +169,9 @@ def fuse(
                                        "that makes the speech clock end at the transcript's length."),
     gate_init: float = typer.Option(0.0, "--gate-init", help="0: closed tanh gates (the paper's); else open gates "
                                     "over zero-initialised branch outputs (still the identity at step 0)."),
+    clock_align_weight: float = typer.Option(0.0, "--clock-align-weight", help="With --xattn-pos learned and "
+                                             "--ctc-weight: teach the clock each speech token's place in the "
+                                             "transcript from the CTC head's forced alignment (0 = off)."),
     rehearsal: float = typer.Option(0.0, "--rehearsal", help="Speech-LM examples on the unlabeled speech per TTS "
                                     "example: keeps the trained speech tower's language model (0 = the paper)."),
     steps: int = Steps, lr: float = Lr, warmup: int = Warmup, grad_clip: float = GradClip, grad_accum: int = GradAccum,
@@ -184,6 +187,7 @@ def fuse(
                      proj_layers=proj_layers, dropout=dropout, ctc_weight=ctc_weight,
                      ctc_tts_weight=ctc_tts_weight, xattn_pos=xattn_pos,
                      xattn_prior=xattn_prior, gate_init=gate_init, clock_weight=clock_weight, rehearsal=rehearsal,
+                     clock_align_weight=clock_align_weight,
                      train=dataclasses.replace(_train_config(steps, lr, warmup, grad_clip, grad_accum, max_tokens,
                                                              eval_every, ckpt_every, keep_last, seed, precision, device),
                                                scalar_lr_mult=gate_lr_mult, tower_lr_mult=tower_lr_mult))

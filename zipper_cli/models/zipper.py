@@ -252,7 +252,8 @@ class Zipper(nn.Module):
         position in the example's linear sequence) -> {name: logits [B, T_x, V_x]}. Full causal
         self-attention inside each tower; cross-attention masked by linear order. with_ctc adds
         out["ctc"] = CTC logits [B, T_B, V_A] over tower B's positions (needs cfg.ctc_head). with_clock adds
-        out["clock"] = {tower: where its learned clock ends, [B]} (needs cfg.xattn_clock)."""
+        out["clock"] = {tower: where its learned clock ends, [B]} and out["clock_pos"] = {tower: its tokens'
+        places on the shared axis, [B, T]} (needs cfg.xattn_clock)."""
         names = self.cfg.towers
         self._check_batch(batch)
         h, rope = {}, {}
@@ -284,6 +285,7 @@ class Zipper(nn.Module):
             if self.clock is None:
                 raise ZipperError("this Zipper has no learned clock (built without --xattn-pos learned)")
             out["clock"] = {n: placed[n][1] for n in self.clock}
+            out["clock_pos"] = {n: placed[n][0] for n in self.clock}
         if with_ctc:
             if self.ctc_head is None:
                 raise ZipperError("this Zipper has no CTC head (built without --ctc-weight)")

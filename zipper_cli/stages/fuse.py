@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from ..atomic import atomic_path, read_jsonl, sha256_file, write_json
 from ..checkpoint import load_state
 from ..console import log
+from ..ctc_align import ctc_viterbi
 from ..errors import ZipperError
 from ..fusion_data import (ASR, LM, TASKS, TTS, Example, make_examples, make_rehearsal, nested_subset,
                            parse_task_mix, tower_batch)
@@ -85,6 +86,14 @@ class FuseConfig:
     ratio of where the speech clock ends to the transcript's length, so that the clock learns each
     utterance's speaking rate from the audio (0 = off: the clock learns from the cross-attention alone).
     On the demo, 1.0 cut the clock's length error from 0.22 to 0.17 but did not decode better (README)."""
+    clock_align_weight: float = 0.0
+    """--clock-align-weight: with --xattn-pos learned and --ctc-weight, weight of an auxiliary loss that
+    teaches the learned clock where each speech token is in the transcript: on ASR examples (speech first,
+    so the CTC head reads the audio alone) the model's own CTC head force-aligns the transcript pieces to
+    the speech, and each speech token's place on the shared axis is pulled (Huber loss, summed over tokens)
+    towards the text position of the piece it is saying. Examples whose transcript the head does not yet
+    read (CTC loss above ALIGN_MAX_NATS per piece) are left out, so the loss starts once the head has
+    learned. Not in the paper (cf. FastSpeech's durations from a teacher aligner); 0 = off."""
     rehearsal: float = 0.0
     """--rehearsal: also train the speech tower as the plain speech language model it was pretrained as,
     on the speech role (unlabeled audio), this many examples per TTS example (zipper with the speech tower
@@ -114,6 +123,11 @@ class FuseConfig:
             raise ZipperError("--xattn-pos and --xattn-prior are Zipper options (they shape its cross-attention)")
         if not (math.isfinite(self.clock_weight) and self.clock_weight >= 0):
             raise ZipperError(f"--clock-weight must be >= 0 (got {self.clock_weight})")
+        if not (math.isfinite(self.clock_align_weight) and self.clock_align_weight >= 0):
+            raise ZipperError(f"--clock-align-weight must be >= 0 (got {self.clock_align_weight})")
+        if self.clock_align_weight and (self.xattn_pos != "learned" or not self.ctc_weight):
+            raise ZipperError("--clock-align-weight needs --xattn-pos learned (the clock it trains) and --ctc-weight "
+                              "(the CTC head that aligns)")
         if self.clock_weight and self.xattn_pos != "learned":
             raise ZipperError("--clock-weight needs --xattn-pos learned (it trains the learned clock)")
         if self.arch != "zipper" and self.gate_init:
@@ -157,15 +171,24 @@ class FuseConfig:
         return arch + size
 
 
+# --clock-align-weight uses an ASR example's forced alignment only when its CTC head reads the transcript
+# at under this many nats per piece: an untrained head's Viterbi path is arbitrary and would teach the
+# clock noise.
+ALIGN_MAX_NATS = 1.0
+
+
 class ZipperLoss:
     """Cross-entropy on the output modality of each example (ASR: text, TTS and LM: speech), plus
     ctc_weight x the CTC loss of the model's CTC head on ASR examples (speech positions -> transcript
     pieces) and ctc_tts_weight x the same on TTS examples, plus clock_weight x sum over ASR and TTS
-    examples of log(speech clock end / text length)^2 (a learned clock only). LM examples have no text:
-    neither auxiliary loss applies to them."""
+    examples of log(speech clock end / text length)^2 (a learned clock only), plus clock_align_weight x
+    the Huber distance of each speech token's clock place from its piece's text position (FuseConfig).
+    LM examples have no text: no auxiliary loss applies to them."""
 
-    def __init__(self, ctc_weight: float = 0.0, clock_weight: float = 0.0, ctc_tts_weight: float = 0.0):
+    def __init__(self, ctc_weight: float = 0.0, clock_weight: float = 0.0, ctc_tts_weight: float = 0.0,
+                 clock_align_weight: float = 0.0):
         self.ctc_weight, self.clock_weight, self.ctc_tts_weight = ctc_weight, clock_weight, ctc_tts_weight
+        self.clock_align_weight = clock_align_weight
 
     def __call__(self, model, examples: list[Example], device):
         batch, targets = {}, {}
@@ -175,7 +198,7 @@ class ZipperLoss:
             targets[m] = tgt.to(device)
         weight = [{ASR: self.ctc_weight, TTS: self.ctc_tts_weight}.get(e.task, 0.0) for e in examples]
         rows = [i for i, w in enumerate(weight) if w > 0]
-        logits = model(batch, with_ctc=bool(rows), with_clock=self.clock_weight > 0)
+        logits = model(batch, with_ctc=bool(rows), with_clock=self.clock_weight > 0 or self.clock_align_weight > 0)
         loss = sum(F.cross_entropy(logits[m].float().flatten(0, 1), targets[m].flatten(), ignore_index=-100,
                                    reduction="sum") for m in ("text", "speech"))
         if rows:
@@ -185,12 +208,34 @@ class ZipperLoss:
                              torch.tensor([len(p) for p in pieces], device=device), blank=0, reduction="none",
                              zero_infinity=True)  # [B_ctc]
             loss = loss + (torch.tensor([weight[i] for i in rows], device=device) * ctc).sum()
+            if self.clock_align_weight > 0:
+                loss = loss + self.clock_align_weight * self._clock_align(
+                    examples, rows, log_probs.detach().transpose(0, 1), ctc.detach(), pieces, batch,
+                    logits["clock_pos"]["speech"])
         if self.clock_weight > 0:
             n_text = batch["text"][1].sum(1).clamp(min=1).to(torch.float32)
             end = logits["clock"]["speech"].clamp(min=1e-3)  # [B]
             paired = torch.tensor([e.task != LM for e in examples], device=device)
             loss = loss + self.clock_weight * ((end.log() - n_text.log()).square() * paired).sum()
         return loss, int(sum((t != -100).sum() for t in targets.values()))
+
+    @staticmethod
+    def _clock_align(examples, rows, log_probs, ctc, pieces, batch, clock_pos) -> torch.Tensor:
+        """Sum over the ASR rows the CTC head reads (under ALIGN_MAX_NATS per piece) of the Huber distance
+        between each speech token's clock place and the text position of the piece its frame belongs to
+        (piece k sits at k + 1, after the text's begin token; frames before the first piece at 0)."""
+        keep = [j for j, i in enumerate(rows) if examples[i].task == ASR and len(pieces[j])
+                and float(ctc[j]) / len(pieces[j]) < ALIGN_MAX_NATS]
+        if not keep:
+            return clock_pos.sum() * 0.0
+        lengths = batch["speech"][1][[rows[j] for j in keep]].sum(1)
+        ali, _ = ctc_viterbi(log_probs[keep], lengths, [pieces[j] for j in keep])
+        total = clock_pos.sum() * 0.0
+        for j, a, n in zip(keep, ali, lengths.tolist()):
+            if a is not None:
+                target = (a + 1).to(clock_pos.device, torch.float32)
+                total = total + F.smooth_l1_loss(clock_pos[rows[j], :n].float(), target, reduction="sum")
+        return total
 
     @staticmethod
     def count_targets(ex: Example) -> int:
@@ -322,7 +367,7 @@ def _fuse(run_dir: Path, cfg: FuseConfig, tag: str, out: Path, tok: dict, stage,
         model = Zipper.from_towers(cfg.zipper_config(depth, pos_scale), {"text": text_tower, "speech": speech_tower})
         model.freeze(cfg.frozen())
         loss_fn = ZipperLoss(cfg.ctc_weight, cfg.clock_weight if cfg.xattn_pos == "learned" else 0.0,
-                             cfg.ctc_tts_weight)
+                             cfg.ctc_tts_weight, cfg.clock_align_weight)
         meta = {"arch": "zipper", "zipper": model.cfg.to_dict(),
                 "towers": {n: t.cfg.to_dict() for n, t in model.towers.items()}}
     else:
