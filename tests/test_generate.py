@@ -400,6 +400,7 @@ def test_sampling_respects_top_k_and_modality(single):
     (dict(top_k=-1), "--top-k"), (dict(top_p=0), "--top-p"), (dict(max_len_ratio={"text": 0}), "--max-len-ratio"),
     (dict(max_len_min={"audio": 3}), "--max-len-min"), (dict(max_new_tokens=0), "--max-new-tokens"),
     (dict(batch_size=0), "--batch-size"), (dict(length_penalty=float("nan")), "--length-penalty"),
+    (dict(guidance=-1.0), "--guidance"),
 ])
 def test_config_validation_names_the_flag(kwargs, flag):
     with pytest.raises(ZipperError, match=flag):
@@ -441,3 +442,42 @@ def test_zipper_unimodal_continuation_is_the_tower_alone(zipper):
     a = ZipperGenerator(zipper).generate(prompts, "text", ["text"], CFG)
     b = TowerGenerator(zipper.towers["text"], "text").generate(prompts, cfg=CFG)
     assert toks(a) == toks(b)
+
+
+# --- classifier-free guidance (--guidance) ---------------------------------------------------------------
+
+
+def test_guidance_chooses_from_the_guided_log_probs_cached_and_uncached(zipper):
+    """Each speech step's scores are (1 + g) log p(unit | text, units) - g log p(unit | units), the second
+    from the speech tower alone on the units so far; the cached and uncached engines agree."""
+    g = 1.5
+    inputs = rand_inputs("text", [5, 12, 0])
+    gen = ZipperGenerator(zipper)
+    res = gen.generate(inputs, "text", ["speech"], dataclasses.replace(CFG, guidance=g), return_logits=True)
+    ref = gen.generate(inputs, "text", ["speech"], dataclasses.replace(NOCACHE, guidance=g), return_logits=True)
+    assert_same(res, ref)
+    for x, r in zip(inputs, res):
+        ex = Example("tts", np.asarray(x), r.tokens[0], "u")
+        batch = {m: tower_batch([ex], m)[:3] for m in ("text", "speech")}
+        with torch.no_grad():
+            cond = zipper(batch)["speech"][0].float().log_softmax(-1)
+            alone = zipper.towers["speech"](batch["speech"][0])[0].float().log_softmax(-1)
+        assert len(r.logits) == len(r.tokens[0]) + r.ended[0]
+        for i, step in enumerate(r.logits):
+            torch.testing.assert_close(step, (1 + g) * cond[i] - g * alone[i], atol=1e-5, rtol=0)
+    assert toks(gen.generate(inputs, "text", ["speech"], CFG)) != toks(res)  # it changes what is chosen
+
+
+def test_guidance_with_beams_and_its_errors(zipper, single):
+    gen = ZipperGenerator(zipper)
+    inputs = rand_inputs("text", [4, 9, 7])
+    beam = dataclasses.replace(CFG, strategy="beam", beam=3, guidance=2.0)
+    assert toks(gen.generate(inputs, "text", ["speech"], beam)) == toks(
+        gen.generate(inputs, "text", ["speech"], dataclasses.replace(beam, use_cache=False)))
+    one = gen.generate(inputs, "text", ["speech"], dataclasses.replace(beam, beam=1))
+    assert toks(one) == toks(gen.generate(inputs, "text", ["speech"], dataclasses.replace(CFG, guidance=2.0)))
+    with pytest.raises(ZipperError, match=r"^--guidance steers speech outputs \(TTS\): it needs speech among --outputs$"):
+        gen.generate(rand_inputs("speech", [4]), "speech", ["text"], dataclasses.replace(CFG, guidance=1.0))
+    model, vocab = single
+    with pytest.raises(ZipperError, match=r"^--guidance needs a Zipper \(its speech tower alone is the unconditional"):
+        SingleDecoderGenerator(model, vocab).generate(inputs, "text", ["speech"], dataclasses.replace(CFG, guidance=1.0))

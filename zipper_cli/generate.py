@@ -40,6 +40,7 @@ model's raw logits, before the modality mask, for greedy and sampling.
 from __future__ import annotations
 
 import abc
+import copy
 import warnings
 from typing import Optional, Sequence
 
@@ -51,6 +52,7 @@ from zipper_cli.ctc_prefix import CTCPrefixScorer
 from zipper_cli.errors import ZipperError
 from zipper_cli.fusion_data import ASR, Example, tower_batch
 from zipper_cli.generate_config import MODALITIES, STRATEGIES, Generation, GenerationConfig, parse_modality_map
+from zipper_cli.generate_guidance import GuidedEngine
 from zipper_cli.generate_search import Plan, Row, beam_search, length_penalty, sample_loop
 from zipper_cli.models.single_decoder import SingleDecoderVocab
 from zipper_cli.models.tower import Tower
@@ -143,6 +145,11 @@ class Generator(abc.ABC):
         was_training = self.model.training
         self.model.eval()
         engine = self.engine(cfg.use_cache)
+        if cfg.guidance > 0:
+            if "speech" not in outputs:
+                raise ZipperError("--guidance steers speech outputs (TTS): it needs speech among --outputs")
+            engine = GuidedEngine(engine, self.unconditional_engine(cfg.use_cache), self.tower_of("speech"),
+                                  cfg.guidance)
         try:
             for s in range(0, len(order), cfg.batch_size):
                 batch = [rows[i] for i in order[s:s + cfg.batch_size]]
@@ -159,6 +166,11 @@ class Generator(abc.ABC):
             engine.close()
             self.model.train(was_training)
         return results
+
+    def unconditional_engine(self, use_cache: bool):
+        """The engine of the speech tower alone, for --guidance."""
+        raise ZipperError("--guidance needs a Zipper (its speech tower alone is the unconditional model); "
+                          "this model is not one")
 
     def ctc_scorer(self, inputs: Sequence[Sequence[int]]) -> CTCPrefixScorer:
         """CTC posteriors of speech inputs (raw units), for --ctc-weight."""
@@ -303,6 +315,10 @@ class ZipperGenerator(Generator):
 
     def engine(self, use_cache):
         return gc.ZipperCache(self.model, weights=self._weights) if use_cache else gc.ZipperFull(self.model)
+
+    def unconditional_engine(self, use_cache):
+        tower = copy.deepcopy(self.model.towers["speech"])  # a Tower holds its KV cache: a private copy
+        return gc.TowerCache(tower, name="speech") if use_cache else gc.TowerFull(tower, name="speech")
 
 
 class SingleDecoderGenerator(OneTowerGenerator):

@@ -67,6 +67,10 @@ class GenerationConfig:
     """--ctc-weight: joint CTC/attention decoding of text from speech (ASR) with a Zipper fused with
     --ctc-weight: each text token is chosen by (1 - w) * attention log-prob + w * the gain in CTC prefix
     log-probability (ctc_prefix.py). 0 = attention only. Greedy and beam search; 1 = CTC prefix scores only."""
+    guidance: float = 0.0
+    """--guidance: classifier-free guidance of speech outputs with a Zipper: each unit is chosen from
+    (1 + g) * log p(unit | text, units so far) - g * log p(unit | units so far), the second term from the
+    speech tower alone (generate_guidance.py). 0 = off."""
 
     def validate(self) -> "GenerationConfig":
         if self.strategy not in STRATEGIES:
@@ -96,6 +100,8 @@ class GenerationConfig:
             raise ZipperError(f"--ctc-weight ({self.ctc_weight!r}) must be in [0, 1]")
         if self.ctc_weight > 0 and self.strategy == "sample":
             raise ZipperError("--ctc-weight works with --strategy greedy or beam, not sample")
+        if not (math.isfinite(self.guidance) and self.guidance >= 0):
+            raise ZipperError(f"--guidance ({self.guidance!r}) must be >= 0")
         if not _pos_int(self.batch_size):
             raise ZipperError(f"--batch-size ({self.batch_size!r}) must be a positive integer")
         return self
