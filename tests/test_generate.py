@@ -481,3 +481,44 @@ def test_guidance_with_beams_and_its_errors(zipper, single):
     model, vocab = single
     with pytest.raises(ZipperError, match=r"^--guidance needs a Zipper \(its speech tower alone is the unconditional"):
         SingleDecoderGenerator(model, vocab).generate(inputs, "text", ["speech"], dataclasses.replace(CFG, guidance=1.0))
+
+
+# --- best of N by the CTC head (--best-of) -----------------------------------------------------------------
+
+
+def test_best_of_keeps_the_sample_the_ctc_head_reads_as_the_text():
+    """--best-of N samples each input N times (copy j of input i is example i * N + j) and keeps the copy
+    whose units give the input text the highest CTC log-likelihood under the model's CTC head."""
+    model = make_zipper(zcfg=ZipperConfig(n_cross=2, ctc_head=True))
+    gen = ZipperGenerator(model)
+    inputs = rand_inputs("text", [4, 7, 5])
+    N = 4
+    sample = dataclasses.replace(CFG, strategy="sample", seed=3)
+    best = gen.generate(inputs, "text", ["speech"], dataclasses.replace(sample, best_of=N))
+    copies = [x for x in inputs for _ in range(N)]
+    cands = gen.generate(copies, "text", ["speech"], sample)
+    scores = []
+    for c, x in zip(cands, copies):  # the CTC log-likelihood, from the training forward of an ASR example
+        ex = Example("asr", np.zeros(0, dtype=np.int64), c.tokens[0], "u")
+        batch = {m: tower_batch([ex], m)[:3] for m in ("text", "speech")}
+        with torch.no_grad():
+            lp = model(batch, with_ctc=True)["ctc"][0].float().log_softmax(-1)
+        scores.append(-torch.nn.functional.ctc_loss(lp, torch.tensor(x), (lp.shape[0],), (len(x),), reduction="sum").item())
+    assert len({tuple(c.tokens[0].tolist()) for c in cands}) > len(inputs)  # the samples differ
+    for i, b in enumerate(best):
+        k = max(range(i * N, i * N + N), key=lambda j: scores[j])
+        assert b.tokens[0].tolist() == cands[k].tokens[0].tolist()
+    assert toks(gen.generate(inputs, "text", ["speech"], dataclasses.replace(sample, best_of=1))) == toks(
+        gen.generate(inputs, "text", ["speech"], sample))
+
+
+def test_best_of_errors(zipper):
+    with pytest.raises(ZipperError, match=r"^--best-of picks among sampled outputs: it needs --strategy sample$"):
+        GenerationConfig(best_of=2).validate()
+    with pytest.raises(ZipperError, match=r"^--best-of \(0\) must be a positive integer$"):
+        GenerationConfig(best_of=0).validate()
+    cfg = GenerationConfig(strategy="sample", best_of=2, max_new_tokens=5)
+    with pytest.raises(ZipperError, match=r"^--best-of needs a Zipper fused with --ctc-weight"):
+        ZipperGenerator(zipper).generate(rand_inputs("text", [3]), "text", ["speech"], cfg)  # no CTC head
+    with pytest.raises(ZipperError, match=r"^--best-of reads sampled speech back as the input text: it needs text in"):
+        ZipperGenerator(zipper).generate(rand_inputs("speech", [3]), "speech", ["text"], cfg)

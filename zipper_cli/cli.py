@@ -220,6 +220,8 @@ def decode(
     cache: bool = typer.Option(True, "--cache/--no-cache", help="KV caches (off: recompute every step)."),
     ctc_weight: float = typer.Option(0.0, "--ctc-weight", help="ASR: joint CTC/attention decoding with the "
                                      "Zipper's CTC head (0 = attention only)."),
+    best_of: int = typer.Option(1, "--best-of", help="TTS with a Zipper's CTC head: sample N outputs per input, "
+                                "keep the one its CTC head reads as the text most likely (--strategy sample)."),
     guidance: float = typer.Option(0.0, "--guidance", help="TTS with a Zipper: classifier-free guidance against "
                                    "the speech tower alone (0 = off)."),
     vocoder_steps: Optional[int] = typer.Option(None, "--vocoder-steps",
@@ -242,7 +244,7 @@ def decode(
                            max_len_ratio=parse_modality_map(max_len_ratio, "--max-len-ratio"),
                            max_len_min=parse_modality_map(max_len_min, "--max-len-min", cast=int),
                            max_new_tokens=max_new_tokens, batch_size=batch_size, use_cache=cache,
-                           ctc_weight=ctc_weight, guidance=guidance)
+                           ctc_weight=ctc_weight, guidance=guidance, best_of=best_of)
     cfg = DecodeConfig(model=model, outputs=outputs, split=split, wavs=tuple(str(w) for w in wav), texts=tuple(texts),
                        limit=limit, tag=tag, vocoder_steps=vocoder_steps, device=device, gen=gen)
     run(run_dir, cfg, force=force)

@@ -41,11 +41,13 @@ from __future__ import annotations
 
 import abc
 import copy
+import dataclasses
 import warnings
 from typing import Optional, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from zipper_cli import generate_cache as gc
 from zipper_cli.ctc_prefix import CTCPrefixScorer
@@ -128,6 +130,8 @@ class Generator(abc.ABC):
                  cfg: Optional[GenerationConfig] = None, return_logits: bool = False) -> list[Generation]:
         """Generate `outputs` (modalities, in order) after each input (raw tokens of input_modality)."""
         cfg = (cfg or GenerationConfig()).validate()
+        if cfg.best_of > 1:
+            return self._best_of(inputs, input_modality, list(outputs), cfg, return_logits)
         plan = self._plan(input_modality, list(outputs))
         dev = next(self.model.parameters()).device
         self._masks = {m: self.allowed(m).to(dev) for m in set(plan.segs)}
@@ -166,6 +170,25 @@ class Generator(abc.ABC):
             engine.close()
             self.model.train(was_training)
         return results
+
+    def _best_of(self, inputs, input_modality: str, outputs: list[str], cfg: GenerationConfig,
+                 return_logits: bool) -> list[Generation]:
+        """--best-of N: every input sampled N times (copy j of input i is example i * N + j, so each copy has
+        its own sampling stream), each input's copy with the highest ctc_text_scores kept."""
+        if input_modality != "text" or outputs != ["speech"]:
+            raise ZipperError(f"--best-of reads sampled speech back as the input text: it needs text in and "
+                              f"--outputs speech, not {input_modality} -> {','.join(outputs)}")
+        N = cfg.best_of
+        copies = [x for x in inputs for _ in range(N)]
+        cands = self.generate(copies, input_modality, outputs, dataclasses.replace(cfg, best_of=1), return_logits)
+        scores = self.ctc_text_scores([c.tokens[0] for c in cands], copies)
+        best = [max(range(i * N, i * N + N), key=lambda k: scores[k]) for i in range(len(inputs))]
+        return [cands[k] for k in best]
+
+    def ctc_text_scores(self, units: Sequence[np.ndarray], texts: Sequence[Sequence[int]]) -> list[float]:
+        """log p_ctc(text pieces | speech units) under the CTC head, for --best-of."""
+        raise ZipperError("--best-of needs a Zipper fused with --ctc-weight (its CTC head reads the speech); "
+                          "this model has none")
 
     def unconditional_engine(self, use_cache: bool):
         """The engine of the speech tower alone, for --guidance."""
@@ -295,6 +318,10 @@ class ZipperGenerator(Generator):
         not depend on the text)."""
         if self.model.ctc_head is None:
             return super().ctc_scorer(inputs)
+        return CTCPrefixScorer(self._ctc_log_probs(inputs))
+
+    def _ctc_log_probs(self, inputs) -> list[torch.Tensor]:
+        """Per speech input (raw units): the CTC head's log-probs [T, V_text] over [begin] units [end]."""
         dev = next(self.model.parameters()).device
         empty = np.zeros(0, dtype=np.int64)
         examples = [Example(ASR, empty, np.asarray(x, dtype=np.int64), str(i)) for i, x in enumerate(inputs)]
@@ -302,7 +329,19 @@ class ZipperGenerator(Generator):
         with torch.no_grad():
             logits = self.model(batch, with_ctc=True)["ctc"].float().log_softmax(-1).cpu()  # [B, T, V_text]
         lengths = batch["speech"][1].sum(1).tolist()
-        return CTCPrefixScorer([logits[i, :n] for i, n in enumerate(lengths)])
+        return [logits[i, :n] for i, n in enumerate(lengths)]
+
+    def ctc_text_scores(self, units, texts):
+        if self.model.ctc_head is None:
+            return super().ctc_text_scores(units, texts)
+        log_probs = [lp for s in range(0, len(units), 64) for lp in self._ctc_log_probs(units[s:s + 64])]
+        out = []
+        for lp, x in zip(log_probs, texts):
+            target = torch.as_tensor(np.asarray(x, dtype=np.int64))
+            nll = F.ctc_loss(lp[:, None], target[None], torch.tensor([lp.shape[0]]), torch.tensor([len(target)]),
+                             blank=0, reduction="sum")
+            out.append(-float(nll))
+        return out
 
     def raw_size(self, m):
         return self.model.towers[m].cfg.vocab_size - (SPEECH_OFFSET if m == "speech" else 0)

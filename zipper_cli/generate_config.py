@@ -67,6 +67,10 @@ class GenerationConfig:
     """--ctc-weight: joint CTC/attention decoding of text from speech (ASR) with a Zipper fused with
     --ctc-weight: each text token is chosen by (1 - w) * attention log-prob + w * the gain in CTC prefix
     log-probability (ctc_prefix.py). 0 = attention only. Greedy and beam search; 1 = CTC prefix scores only."""
+    best_of: int = 1
+    """--best-of: TTS with a Zipper fused with a CTC head (--ctc-weight): sample this many speech outputs per
+    input and keep the one the model's own CTC head reads as the input text most likely (the CTC
+    log-likelihood of the text's pieces given the units, read as in ASR). Needs --strategy sample. 1 = off."""
     guidance: float = 0.0
     """--guidance: classifier-free guidance of speech outputs with a Zipper: each unit is chosen from
     (1 + g) * log p(unit | text, units so far) - g * log p(unit | units so far), the second term from the
@@ -100,6 +104,10 @@ class GenerationConfig:
             raise ZipperError(f"--ctc-weight ({self.ctc_weight!r}) must be in [0, 1]")
         if self.ctc_weight > 0 and self.strategy == "sample":
             raise ZipperError("--ctc-weight works with --strategy greedy or beam, not sample")
+        if not _pos_int(self.best_of):
+            raise ZipperError(f"--best-of ({self.best_of!r}) must be a positive integer")
+        if self.best_of > 1 and self.strategy != "sample":
+            raise ZipperError("--best-of picks among sampled outputs: it needs --strategy sample")
         if not (math.isfinite(self.guidance) and self.guidance >= 0):
             raise ZipperError(f"--guidance ({self.guidance!r}) must be >= 0")
         if not _pos_int(self.batch_size):

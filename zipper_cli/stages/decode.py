@@ -177,7 +177,8 @@ def decode(run_dir: Path, cfg: DecodeConfig, force: bool = False) -> dict | None
                               "use a fused model for ASR or TTS")
         log(f"[decode] {model} on {device}: {len(items)} inputs ({in_m}) -> {'+'.join(outputs)}, {cfg.gen.strategy}"
             + (f", CTC weight {cfg.gen.ctc_weight:g}" if cfg.gen.ctc_weight else "")
-            + (f", guidance {cfg.gen.guidance:g}" if cfg.gen.guidance else ""))
+            + (f", guidance {cfg.gen.guidance:g}" if cfg.gen.guidance else "")
+            + (f", best of {cfg.gen.best_of}" if cfg.gen.best_of > 1 else ""))
         t0 = time.time()
         gens = generator.generate([it["tokens"] for it in items], in_m, outputs, cfg.gen)
         seconds = time.time() - t0
