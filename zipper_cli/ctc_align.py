@@ -48,6 +48,7 @@ def ctc_viterbi(log_probs: torch.Tensor, lengths: torch.Tensor, labels: list[tor
         alpha = torch.where(live, best + emit[:, t], alpha)
         back[t] = torch.where(live, arg.to(torch.int8), torch.zeros_like(back[t]))
     out, scores = [], torch.full((B,), float("-inf"))
+    back = back.cpu().numpy()  # the backtrack reads one entry per frame: numpy, not a tensor index each
     for b in range(B):
         n, Tb = int(n_states[b]), int(lengths[b])
         last = [n - 1] + ([n - 2] if n > 1 else [])
@@ -56,10 +57,11 @@ def ctc_viterbi(log_probs: torch.Tensor, lengths: torch.Tensor, labels: list[tor
             out.append(None)
             continue
         scores[b] = float(alpha[b, s])
-        path = torch.empty(Tb, dtype=torch.long)
+        states = [0] * Tb
         for t in range(Tb - 1, -1, -1):
-            path[t] = s
+            states[t] = s
             s -= int(back[t, b, s])
+        path = torch.tensor(states, dtype=torch.long)
         # state s holds label (s - 1) // 2 when odd; a blank state 2k follows label k - 1
         out.append(torch.where(path % 2 == 1, (path - 1) // 2, path // 2 - 1))
     return out, scores

@@ -335,13 +335,11 @@ class ZipperGenerator(Generator):
         if self.model.ctc_head is None:
             return super().ctc_text_scores(units, texts)
         log_probs = [lp for s in range(0, len(units), 64) for lp in self._ctc_log_probs(units[s:s + 64])]
-        out = []
-        for lp, x in zip(log_probs, texts):
-            target = torch.as_tensor(np.asarray(x, dtype=np.int64))
-            nll = F.ctc_loss(lp[:, None], target[None], torch.tensor([lp.shape[0]]), torch.tensor([len(target)]),
-                             blank=0, reduction="sum")
-            out.append(-float(nll))
-        return out
+        padded = torch.nn.utils.rnn.pad_sequence(log_probs)  # [T_max, B, V]; frames past a length are ignored
+        targets = [torch.as_tensor(np.asarray(x, dtype=np.int64)) for x in texts]
+        nll = F.ctc_loss(padded, torch.cat(targets), torch.tensor([len(lp) for lp in log_probs]),
+                         torch.tensor([len(t) for t in targets]), blank=0, reduction="none")  # [B]
+        return (-nll).tolist()
 
     def raw_size(self, m):
         return self.model.towers[m].cfg.vocab_size - (SPEECH_OFFSET if m == "speech" else 0)
