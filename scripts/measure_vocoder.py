@@ -30,6 +30,7 @@ Example (the demo corpus cached by `zipper tokenize --corpus demo`):
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -64,6 +65,8 @@ def parse_args() -> argparse.Namespace:
                    help="held-out test utterances to judge (default: 40 with --corpus, all with --run-dir)")
     p.add_argument("--all-voices", action="store_true", help="judge espeak test voices too (default: Festival only)")
     p.add_argument("--steps", type=int, default=d.steps)
+    p.add_argument("--averaged-voice", action="store_true",
+                   help="train the vocoder without its speaker embedding (by_speaker=False): one averaged voice")
     p.add_argument("--max-utterances", type=int, default=d.max_utterances, help="--run-dir: vocoder training sample")
     p.add_argument("--channels", type=int, default=d.channels)
     p.add_argument("--layers", type=int, default=d.layers)
@@ -107,7 +110,8 @@ def vocoder_config(a: argparse.Namespace, **shape) -> VocoderConfig:
     return VocoderConfig(**shape, channels=a.channels, layers=a.layers, kernel_size=a.kernel_size,
                          dilations=tuple(int(x) for x in a.dilations.split(",")), post_layers=a.post_layers,
                          steps=a.steps, lr=a.lr, batch_size=a.batch_size, segment_seconds=a.segment_seconds,
-                         gl_iters=a.gl_iters, gl_momentum=a.gl_momentum, max_utterances=a.max_utterances, seed=a.seed)
+                         gl_iters=a.gl_iters, gl_momentum=a.gl_momentum, max_utterances=a.max_utterances, seed=a.seed,
+                         by_speaker=not a.averaged_voice)
 
 
 def measure_run(a: argparse.Namespace) -> dict:
@@ -130,7 +134,7 @@ def measure_run(a: argparse.Namespace) -> dict:
     wavs = [read_audio(r["audio"], start=r.get("start"), end=r.get("end")) for r in rows]
     audio_seconds = sum(w.size for w in wavs) / 16000
     t0 = time.time()
-    mels = model.mels([np.asarray(units[r["id"]]) for r in rows])
+    mels = model.mels([np.asarray(units[r["id"]]) for r in rows], speakers=[r.get("speaker") for r in rows])
     net_seconds = time.time() - t0
     t0 = time.time()
     voc = [griffin_lim(m, vcfg.gl_iters, vcfg.gl_momentum) for m in mels]
@@ -203,12 +207,17 @@ def main() -> None:
 
     # 2. vocoder
     vcfg = vocoder_config(a, vocab_size=tok.vocab_size, frame_rate=float(tok.frame_rate), n_mels=tcfg.n_mels)
+    if vcfg.by_speaker:
+        counts: dict = {}
+        for r in train_rows[:a.train_utts]:
+            counts[str(r.get("speaker"))] = counts.get(str(r.get("speaker")), 0) + 1
+        vcfg = dataclasses.replace(vcfg, speakers=tuple(sorted(counts, key=lambda k: (-counts[k], k))))
     vcfg.validate()
     t0 = time.time()
     pairs = []
     for r in train_rows[:a.train_utts]:
         wav = read_audio(r["audio"])
-        pairs.append((tok.encode(wav), wav))
+        pairs.append((tok.encode(wav), wav, str(r.get("speaker"))))
     encode_seconds = time.time() - t0
     train_keys = {k: v for k, v in vcfg.to_dict().items() if k not in ("gl_iters", "gl_momentum", "save_every")}
     voc_dir = tok_dir / f"vocoder-{sha256_json(train_keys)[:10]}-n{len(pairs)}"
@@ -226,7 +235,7 @@ def main() -> None:
     audio_seconds = sum(w.size for w in wavs) / 16000
     units = [tok.encode(w) for w in wavs]
     t0 = time.time()
-    mels = model.mels(units)
+    mels = model.mels(units, speakers=[str(r.get("speaker")) for r in test_rows])
     net_seconds = time.time() - t0
     t0 = time.time()
     voc = [griffin_lim(m, vcfg.gl_iters, vcfg.gl_momentum) for m in mels]

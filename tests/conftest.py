@@ -54,7 +54,8 @@ def make_small_manifest(tmp_path: Path) -> Path:
             uid = f"{role}-{i:03d}"
             write_wav(audio / f"{uid}.wav", seconds=0.8 + 0.1 * (i % 5), seed=hash(uid) % 1000)
             text = "dial " + " ".join(rng.choice(words, size=3 + i % 4)) + f" please {i}"
-            rows.append({"id": uid, "role": role, "audio": f"audio/{uid}.wav", "text": None if role == "speech" else text})
+            rows.append({"id": uid, "role": role, "audio": f"audio/{uid}.wav", "text": None if role == "speech" else text,
+                         "speaker": "bob" if i % 3 else "ann"})
     for i in range(40):
         rows.append({"id": f"text-{i:03d}", "role": "text", "text": "dial " + " ".join(rng.choice(words, size=5)) + f" please {i}"})
     path = tmp_path / "corpus.jsonl"

@@ -66,6 +66,15 @@ def test_five_verbs_end_to_end(tmp_path):
            cwd=tmp_path)
     say = json.loads((tmp_path / "run" / "decode" / "say" / "hyp.jsonl").read_text().splitlines()[0])
     assert (tmp_path / "run" / "decode" / "say" / say["wav"]).stat().st_size > 44
+    assert say["voice"] == "bob"  # the vocoder's default voice: the manifests' most frequent speaker
+    zipper("decode", *run, "--text", "dial one two three please", "--outputs", "speech", "--tag", "say-ann",
+           "--voice", "ann", *small, cwd=tmp_path)
+    ann = json.loads((tmp_path / "run" / "decode" / "say-ann" / "hyp.jsonl").read_text().splitlines()[0])
+    assert ann["voice"] == "ann" and ann["tokens"] == say["tokens"]  # the same units, another voice
+    import soundfile as sf
+
+    wav_ann, wav_bob = (sf.read(tmp_path / "run" / "decode" / d / "wav" / "text0000.wav")[0] for d in ("say-ann", "say"))
+    assert wav_ann.shape == wav_bob.shape and not (wav_ann == wav_bob).all()
 
     # Errors a user can meet, one line each.
     bad = zipper("decode", *run, "--model", "towers/text", "--outputs", "text", "--tag", "x", cwd=tmp_path, ok=False)
@@ -73,5 +82,8 @@ def test_five_verbs_end_to_end(tmp_path):
     bad = zipper("decode", *run, "--outputs", "speech", "--ctc-weight", "0.3", "--tag", "x", cwd=tmp_path, ok=False)
     assert bad.returncode == 2 and len(bad.stderr.splitlines()) == 1
     assert "--ctc-weight scores text transcribed from speech (ASR)" in bad.stderr
+    bad = zipper("decode", *run, "--text", "one", "--outputs", "speech", "--voice", "cat", cwd=tmp_path, ok=False)
+    assert bad.returncode == 2 and len(bad.stderr.splitlines()) == 1
+    assert "--voice 'cat': not a speaker of this run's speech and aligned audio (known: bob, ann)" in bad.stderr
     bad = zipper("decode", *run, "--outputs", "video", cwd=tmp_path, ok=False)
     assert bad.returncode == 2 and "--outputs must be a comma list of text and speech" in bad.stderr

@@ -257,6 +257,43 @@ def test_ctc_weights_apply_per_task_and_linearly():
     assert loss(mixed, ctc_weight=0.5, ctc_tts_weight=2.0) - loss(mixed) == pytest.approx(sum(parts), rel=1e-5)
 
 
+def test_speech_input_noise_corrupts_only_tts_inputs_in_training():
+    """--speech-input-noise replaces TTS examples' input units (never specials, never ASR or LM rows, never
+    targets) at about its rate, in training mode only: dev losses are the clean teacher-forced ones."""
+    from test_generate import make_zipper
+    from zipper_cli.models.zipper import ZipperConfig
+    from zipper_cli.stages.fuse import ZipperLoss, corrupt_units
+    from zipper_cli.vocab import SPEECH_OFFSET
+
+    g = np.random.default_rng(0)
+    ex = [Example(task, g.integers(4, 90, 5), g.integers(0, 37, 400), f"{task}") for task in (ASR, TTS, LM)]
+    tokens, valid, _, targets = tower_batch(ex, "speech")
+    torch.manual_seed(0)
+    noisy = corrupt_units(tokens, [e.task == TTS for e in ex], 0.3, 37 + SPEECH_OFFSET)
+    assert torch.equal(noisy[[0, 2]], tokens[[0, 2]])  # ASR and LM rows untouched
+    changed = noisy[1] != tokens[1]
+    assert not changed[tokens[1] < SPEECH_OFFSET].any()  # begin and pad stay
+    assert (noisy[1][tokens[1] >= SPEECH_OFFSET] >= SPEECH_OFFSET).all()  # units become units
+    assert 0.2 < changed.float().sum() / (tokens[1] >= SPEECH_OFFSET).sum() < 0.35  # 0.3 x (1 - 1/37)
+
+    model = make_zipper(zcfg=ZipperConfig(n_cross=2))
+    ex = [Example(task, g.integers(4, 90, 5), g.integers(0, 37, 30), f"{task}") for task in (ASR, TTS)]
+
+    def loss(examples, train, **kw):
+        model.train(train)
+        torch.manual_seed(1)
+        with torch.no_grad():
+            return ZipperLoss(**kw)(model, examples, "cpu")[0].item()
+
+    assert loss(ex, False, speech_input_noise=0.5) == loss(ex, False)  # evaluation: clean
+    assert loss(ex, True, speech_input_noise=0.5) != loss(ex, True)
+    assert loss(ex[:1], True, speech_input_noise=0.5) == loss(ex[:1], True)  # ASR: nothing to corrupt
+    with pytest.raises(ZipperError, match=r"^--speech-input-noise must be in \[0, 1\) \(got 1.0\)$"):
+        FuseConfig(speech_input_noise=1.0).validate()
+    with pytest.raises(ZipperError, match="^--speech-input-noise is a Zipper option"):
+        FuseConfig(speech_input_noise=0.1, arch="single-decoder", freeze="none").validate()
+
+
 def test_rehearsal_trains_on_the_speech_role_and_logs_the_towers_drift(pretrained, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(pretrained, run)
@@ -282,7 +319,9 @@ def test_aligned_subset_tag_and_resume(pretrained, tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     for run in (a, b):
         shutil.copytree(pretrained, run)
-    cfg = small_fuse(aligned_count=5, freeze="none", train=TrainConfig(max_steps=4, lr=3e-3, warmup_steps=1,
+    # --speech-input-noise draws from torch's generator: resume must restore it to continue exactly
+    cfg = small_fuse(aligned_count=5, freeze="none", speech_input_noise=0.3,
+                     train=TrainConfig(max_steps=4, lr=3e-3, warmup_steps=1,
                                                                        max_tokens=256, eval_every=2, ckpt_every=2,
                                                                        device="cpu"))  # bitwise: see test_pretrain
     fuse(a, cfg)

@@ -237,3 +237,76 @@ def test_vocoders_stored_by_earlier_versions_still_load(corpus, tmp_path):
     lines = []
     ensure_vocoder(tmp_path, lines.append, small)
     assert any("retraining" in x for x in lines), lines
+
+
+def test_speaker_rows_default_voice_and_mixed_batches():
+    """Speaker labels pick embedding rows; None and unknown labels are the default voice (row 0), exactly;
+    a padded batch of mixed speakers equals each sequence alone; averaged vocoders ignore labels."""
+    torch.manual_seed(0)
+    model = UnitVocoder(cfg(speakers=("kal", "slt", "awb"))).eval()
+    units = np.arange(9) % 16
+    kal, slt = model.mel(units, "kal"), model.mel(units, "slt")
+    assert not torch.equal(kal, slt)
+    for default in (None, "nobody"):
+        assert torch.equal(model.mel(units, default), kal)
+    seqs = [np.random.default_rng(i).integers(0, 16, size=n) for i, n in enumerate((3, 11, 7))]
+    labels = ["slt", "awb", None]
+    together = model.mels(seqs, batch_size=4, speakers=labels)
+    for s, spk, m in zip(seqs, labels, together):
+        torch.testing.assert_close(m, model.mel(s, spk), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="2 speaker labels for 3 unit sequences"):
+        model.mels(seqs, speakers=["kal", "slt"])
+    averaged = UnitVocoder(cfg()).eval()
+    assert averaged.speaker is None and torch.equal(averaged.mel(units, "slt"), averaged.mel(units))
+    with pytest.raises(ZipperError, match="speakers: labels must be distinct"):
+        cfg(speakers=("a", "a")).validate()
+
+
+def test_speaker_embedding_recovers_a_voice_the_units_do_not_carry(corpus, tmp_path):
+    """Two 'speakers' share every unit sequence, one 12 dB quieter: the units cannot tell them apart, so an
+    averaged vocoder predicts the middle for both, while the speaker-conditioned one predicts each."""
+    _, pairs = corpus
+    data = [(u, w, "loud") for u, w in pairs] + [(u, w * 0.25, "quiet") for u, w in pairs]
+    errors = {}
+    for name, c in (("averaged", cfg(steps=150)), ("by_speaker", cfg(steps=150, speakers=("loud", "quiet")))):
+        model = train_vocoder(data, c, tmp_path / name, quiet)
+        errs = []
+        for u, w, spk in data:
+            true = log_mel(w)[: len(u) * 4]
+            errs.append(float((model.mel(u, spk) - true).abs().mean()))
+        errors[name] = np.mean(errs)
+    # 12 dB is a log-mel shift of log(16) = 2.77: the averaged model is off by about half of it
+    assert errors["by_speaker"] < 0.75 * errors["averaged"], errors  # measured 0.81 against 1.44
+
+
+def test_ensure_vocoder_conditions_on_the_manifest_speakers(corpus, tmp_path):
+    """Speakers come from the manifests, most frequent first; a vocoder stored before speakers existed
+    (no by_speaker field) still loads as the averaged voice it is, without retraining."""
+    from zipper_cli.atomic import read_jsonl
+    from zipper_cli.vocoder import training_speakers
+
+    tok, pairs = corpus
+    _fake_run(tmp_path, tok, pairs)
+    for name in ("train-speech", "aligned"):
+        path = tmp_path / "data" / f"{name}.jsonl"
+        rows = read_jsonl(path)
+        write_jsonl(path, [dict(r, speaker="slt" if i % 3 else "kal") for i, r in enumerate(rows)])
+    assert training_speakers(tmp_path) == ("slt", "kal")
+    small = VocoderConfig(**{**TINY, "steps": 10})
+    model = ensure_vocoder(tmp_path, quiet, small)
+    assert model.cfg.speakers == ("slt", "kal") and model.speaker is not None
+    averaged = ensure_vocoder(tmp_path, quiet, VocoderConfig(**{**TINY, "steps": 10, "by_speaker": False}))
+    assert averaged.cfg.speakers == () and averaged.speaker is None
+    voc_dir = tmp_path / "tokenizers" / "speech" / "vocoder"
+    for name, keys in (("config.json", ("config",)), ("vocoder.json", ("config", "training_config"))):
+        meta = json.loads((voc_dir / name).read_text())
+        for k in keys:
+            del meta[k]["by_speaker"], meta[k]["speakers"]
+        if name == "config.json":
+            del meta["signature"]["config"]["by_speaker"], meta["signature"]["config"]["speakers"]
+        (voc_dir / name).write_text(json.dumps(meta))
+    from zipper_cli.vocoder import run_vocoder
+
+    again = run_vocoder(tmp_path, log=lambda m: pytest.fail(m))
+    assert again.cfg.by_speaker is False
+    torch.testing.assert_close(again.mel(pairs[0][0]), averaged.mel(pairs[0][0]), rtol=0, atol=0)

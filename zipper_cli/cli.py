@@ -174,6 +174,9 @@ def fuse(
                                              "transcript from the CTC head's forced alignment (0 = off)."),
     rehearsal: float = typer.Option(0.0, "--rehearsal", help="Speech-LM examples on the unlabeled speech per TTS "
                                     "example: keeps the trained speech tower's language model (0 = the paper)."),
+    speech_input_noise: float = typer.Option(0.0, "--speech-input-noise", help="Replace each input unit of a TTS "
+                                             "training example by a random unit with this probability, so the "
+                                             "speech tower leans on the text (0 = the paper)."),
     steps: int = Steps, lr: float = Lr, warmup: int = Warmup, grad_clip: float = GradClip, grad_accum: int = GradAccum,
     max_tokens: int = MaxTokens, eval_every: int = EvalEvery, ckpt_every: int = CkptEvery, keep_last: int = KeepLast,
     seed: int = Seed, precision: str = Precision, device: str = Device,
@@ -187,7 +190,7 @@ def fuse(
                      proj_layers=proj_layers, dropout=dropout, ctc_weight=ctc_weight,
                      ctc_tts_weight=ctc_tts_weight, xattn_pos=xattn_pos,
                      xattn_prior=xattn_prior, gate_init=gate_init, clock_weight=clock_weight, rehearsal=rehearsal,
-                     clock_align_weight=clock_align_weight,
+                     clock_align_weight=clock_align_weight, speech_input_noise=speech_input_noise,
                      train=dataclasses.replace(_train_config(steps, lr, warmup, grad_clip, grad_accum, max_tokens,
                                                              eval_every, ckpt_every, keep_last, seed, precision, device),
                                                scalar_lr_mult=gate_lr_mult, tower_lr_mult=tower_lr_mult))
@@ -226,6 +229,8 @@ def decode(
                                    "the speech tower alone (0 = off)."),
     vocoder_steps: Optional[int] = typer.Option(None, "--vocoder-steps",
                                                 help="Unit vocoder training steps, if the run has no vocoder yet."),
+    voice: Optional[str] = typer.Option(None, "--voice", help="Speaker label (from the run's manifests) whose voice "
+                                        "speech outputs are vocoded in (default: the most frequent)."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda (the vocoder runs on CPU)."),
     force: bool = Force,
 ):
@@ -246,7 +251,7 @@ def decode(
                            max_new_tokens=max_new_tokens, batch_size=batch_size, use_cache=cache,
                            ctc_weight=ctc_weight, guidance=guidance, best_of=best_of)
     cfg = DecodeConfig(model=model, outputs=outputs, split=split, wavs=tuple(str(w) for w in wav), texts=tuple(texts),
-                       limit=limit, tag=tag, vocoder_steps=vocoder_steps, device=device, gen=gen)
+                       limit=limit, tag=tag, vocoder_steps=vocoder_steps, voice=voice, device=device, gen=gen)
     run(run_dir, cfg, force=force)
 
 

@@ -35,7 +35,7 @@ from .vocoder_model import FORMAT, INFERENCE_ONLY, MEL_RATE, UnitVocoder, Vocode
 from .vocoder_train import load_vocoder, prepare_pairs, train_vocoder, with_inference_settings
 
 __all__ = ["FORMAT", "INFERENCE_ONLY", "MEL_RATE", "UnitVocoder", "VocoderConfig", "ensure_vocoder", "griffin_lim",
-           "load_vocoder", "prepare_pairs", "run_vocoder", "train_vocoder"]
+           "load_vocoder", "prepare_pairs", "run_vocoder", "train_vocoder", "training_speakers"]
 
 
 # ----------------------------------------------------------------------------- run directory
@@ -57,12 +57,29 @@ def _dir_lock(path: Path, log):
         os.close(fd)
 
 
-def _training_pairs(run_dir: Path, checksum: str, cfg: VocoderConfig, log) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """(units, wav) for a seeded sample of the run's speech + aligned utterances, read lazily."""
+MANIFESTS = {"speech": "train-speech.jsonl", "aligned": "aligned.jsonl"}  # the roles the vocoder trains on
+
+
+def training_speakers(run_dir: Path) -> tuple[str, ...]:
+    """The speaker labels of the run's speech + aligned manifests, most frequent first (ties by name);
+    empty when fewer than two speakers are labelled (nothing to tell apart)."""
+    counts: dict[str, int] = {}
+    for role, name in MANIFESTS.items():
+        path = run_dir / "data" / name
+        if (run_dir / "tokens" / role / "index.json").exists() and path.exists():
+            for row in read_jsonl(path):
+                if row.get("speaker") is not None and row.get("audio"):
+                    counts[str(row["speaker"])] = counts.get(str(row["speaker"]), 0) + 1
+    ranked = tuple(sorted(counts, key=lambda k: (-counts[k], k)))
+    return ranked if len(ranked) >= 2 else ()
+
+
+def _training_pairs(run_dir: Path, checksum: str, cfg: VocoderConfig, log) -> Iterator[tuple[np.ndarray, np.ndarray, str]]:
+    """(units, wav, speaker) for a seeded sample of the run's speech + aligned utterances, read lazily."""
     from .audio import AudioLimits, AudioReject, read_audio
     from .shards import load_role
 
-    manifests = {"speech": "train-speech.jsonl", "aligned": "aligned.jsonl"}
+    manifests = MANIFESTS
     items = []
     for role, name in manifests.items():
         if not (run_dir / "tokens" / role / "index.json").exists():
@@ -96,7 +113,7 @@ def _training_pairs(run_dir: Path, checksum: str, cfg: VocoderConfig, log) -> It
                 continue
             finally:
                 bar.advance(task)
-            yield np.asarray(u), wav
+            yield np.asarray(u), wav, row.get("speaker")
     if skipped:
         log(f"vocoder: {skipped} unreadable utterances skipped")
 
@@ -131,6 +148,7 @@ def ensure_vocoder(run_dir: str | Path, log: Callable[[str], None] = console_log
                           "unit vocoder cannot time its frames; re-tokenize without --dedup")
     n_mels = int(tok_cfg.get("n_mels", 80)) if kind == "mel-kmeans" else 80
     cfg = dataclasses.replace(cfg or VocoderConfig(), vocab_size=vocab, frame_rate=frame_rate, n_mels=n_mels)
+    cfg = dataclasses.replace(cfg, speakers=training_speakers(run_dir) if cfg.by_speaker else ())
     cfg.validate()
     voc_dir = tok_dir / "vocoder"
     marker = voc_dir / "vocoder.json"

@@ -101,6 +101,15 @@ class VocoderConfig:
     corpus's speech + aligned roles (3.9 h); raised from 3000 with `steps`, see there."""
     seed: int = 0
     """Initialisation, the utterance sample and the segment draws."""
+    by_speaker: bool = True
+    """Condition the network on the speaker (ensure_vocoder fills `speakers` from the run's manifests);
+    False = one averaged voice, as before this option (--vocoder-by-speaker in measure_vocoder.py)."""
+    speakers: tuple[str, ...] = ()
+    """Speaker labels the network is conditioned on (a learned embedding per speaker added to every unit's
+    embedding); empty = one averaged voice. ensure_vocoder fills it from the manifests' `speaker` field,
+    most frequent first: index 0 is the default voice, used for speech of no known speaker (TTS outputs).
+    Why: ctc-kmeans units carry the words but not the voice, and a network that must guess the voice
+    predicts a blur of all of them."""
     gl_iters: int = 48
     """Griffin-Lim iterations (cost grows linearly; ~0.04 real-time factor for 64 on one CPU core)."""
     gl_momentum: float = 0.99
@@ -131,6 +140,7 @@ class VocoderConfig:
              f"segment_seconds {self.segment_seconds}: must hold at least one unit"),
             (self.save_every >= 1, f"save_every {self.save_every}: must be >= 1"),
             (self.max_utterances >= 1, f"max_utterances {self.max_utterances}: must be >= 1"),
+            (len(set(self.speakers)) == len(self.speakers), "speakers: labels must be distinct"),
             (self.gl_iters >= 1, f"gl_iters {self.gl_iters}: must be >= 1"),
             (0 <= self.gl_momentum < 1, f"gl_momentum {self.gl_momentum}: must be in [0, 1)"),
         ]
@@ -150,6 +160,7 @@ class VocoderConfig:
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["dilations"] = [int(x) for x in self.dilations]
+        d["speakers"] = list(self.speakers)
         return d
 
     def training_dict(self) -> dict:
@@ -180,7 +191,14 @@ class VocoderConfig:
         d = dict(d)
         if "dilations" in d:
             d["dilations"] = tuple(int(x) for x in d["dilations"])
+        if "speakers" in d:
+            d["speakers"] = tuple(str(x) for x in d["speakers"])
+        d.setdefault("by_speaker", False)  # stored before speakers existed: an averaged voice
         return cls(**d)
+
+    def speaker_index(self, speaker: str | None) -> int:
+        """The embedding row of a speaker label; 0 (the default voice) for None or an unknown label."""
+        return self.speakers.index(speaker) if speaker in self.speakers else 0
 
 
 # ----------------------------------------------------------------------------- the network
@@ -237,6 +255,7 @@ class UnitVocoder(nn.Module):
         self.cfg = cfg
         c, up = cfg.channels, cfg.upsample
         self.embed = nn.Embedding(cfg.vocab_size, c)
+        self.speaker = nn.Embedding(len(cfg.speakers), c) if cfg.speakers else None
         self.pre = nn.ModuleList(_ResBlock(c, cfg.kernel_size, int(cfg.dilations[i % len(cfg.dilations)]))
                                  for i in range(cfg.layers))
         self.norm = _ChannelNorm(c)
@@ -263,13 +282,20 @@ class UnitVocoder(nn.Module):
         frames = 2 * (self.cfg.post_kernel_size - 1) * self.cfg.post_layers
         return units / self.cfg.frame_rate + frames / MEL_RATE
 
-    def forward(self, units: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, units: torch.Tensor, lengths: torch.Tensor | None = None,
+                speakers: torch.Tensor | None = None) -> torch.Tensor:
+        """units [B, T], lengths [B], speakers [B] (embedding rows; default voice 0 when None)."""
         b, t = units.shape
         up = self.upsample
         if lengths is None:
             lengths = torch.full((b,), t, dtype=torch.long, device=units.device)
         mask = (torch.arange(t, device=units.device)[None, :] < lengths[:, None]).unsqueeze(1).float()  # [B,1,T]
-        x = self.embed(units.clamp(0, self.cfg.vocab_size - 1)).transpose(1, 2) * mask  # [B, C, T]
+        x = self.embed(units.clamp(0, self.cfg.vocab_size - 1))  # [B, T, C]
+        if self.speaker is not None:
+            if speakers is None:
+                speakers = torch.zeros(b, dtype=torch.long, device=units.device)
+            x = x + self.speaker(speakers)[:, None, :]
+        x = x.transpose(1, 2) * mask  # [B, C, T]
         for block in self.pre:
             x = block(x, mask)
         y = self.out(F.gelu(self.norm(x)))  # [B, up*n_mels, T]
@@ -289,10 +315,21 @@ class UnitVocoder(nn.Module):
                               "they were not made by this vocoder's speech tokenizer")
         return u.astype(np.int64)
 
+    def speaker_ids(self, speakers: Sequence[str | None] | None, n: int) -> list[int]:
+        """Embedding rows for n sequences' speaker labels (None: the default voice for all)."""
+        if speakers is None:
+            return [0] * n
+        if len(speakers) != n:
+            raise ValueError(f"{len(speakers)} speaker labels for {n} unit sequences")
+        return [self.cfg.speaker_index(s) for s in speakers]
+
     @torch.no_grad()
-    def mels(self, units_list: Sequence[np.ndarray], batch_size: int = 16) -> list[torch.Tensor]:
-        """Log-mel [len(units) * upsample, n_mels] for each unit sequence, in padded batches."""
+    def mels(self, units_list: Sequence[np.ndarray], batch_size: int = 16,
+             speakers: Sequence[str | None] | None = None) -> list[torch.Tensor]:
+        """Log-mel [len(units) * upsample, n_mels] for each unit sequence, in padded batches, in each one's
+        speaker's voice (speakers: labels; None or an unknown label: the default voice)."""
         seqs = [self._check_units(u) for u in units_list]
+        spk = self.speaker_ids(speakers, len(seqs))
         was_training = self.training
         self.eval()
         out: list[torch.Tensor | None] = [None] * len(seqs)
@@ -308,20 +345,22 @@ class UnitVocoder(nn.Module):
                 x = torch.zeros(len(idx), int(lens.max()), dtype=torch.long)
                 for j, i in enumerate(idx):
                     x[j, :len(seqs[i])] = torch.from_numpy(seqs[i])
-                mel = self(x, lens)
+                mel = self(x, lens, torch.tensor([spk[i] for i in idx]))
                 for j, i in enumerate(idx):
                     out[i] = mel[j, :int(lens[j]) * self.upsample].clone()
         finally:
             self.train(was_training)
         return out  # type: ignore[return-value]
 
-    def mel(self, units: np.ndarray) -> torch.Tensor:
-        return self.mels([units])[0]
+    def mel(self, units: np.ndarray, speaker: str | None = None) -> torch.Tensor:
+        return self.mels([units], speakers=[speaker])[0]
 
-    def vocode(self, units: np.ndarray) -> np.ndarray:
+    def vocode(self, units: np.ndarray, speaker: str | None = None) -> np.ndarray:
         """Units -> 16 kHz mono float32 audio in [-1, 1], len(units) * 16000 / frame_rate samples."""
-        return self.vocode_many([units])[0]
+        return self.vocode_many([units], speakers=[speaker])[0]
 
-    def vocode_many(self, units_list: Sequence[np.ndarray], batch_size: int = 16) -> list[np.ndarray]:
+    def vocode_many(self, units_list: Sequence[np.ndarray], batch_size: int = 16,
+                    speakers: Sequence[str | None] | None = None) -> list[np.ndarray]:
         """Batched network, then Griffin-Lim per utterance (its cost dominates; deterministic per utterance)."""
-        return [griffin_lim(m, self.cfg.gl_iters, self.cfg.gl_momentum) for m in self.mels(units_list, batch_size)]
+        return [griffin_lim(m, self.cfg.gl_iters, self.cfg.gl_momentum)
+                for m in self.mels(units_list, batch_size, speakers)]

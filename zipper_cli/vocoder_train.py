@@ -34,21 +34,23 @@ from .speech_tokenizer import log_mel
 from .vocoder_model import FORMAT, INFERENCE_ONLY, UnitVocoder, VocoderConfig
 
 
-def _data_signature(pairs: list[tuple[np.ndarray, torch.Tensor]]) -> str:
+def _data_signature(pairs: list[tuple[np.ndarray, torch.Tensor, int]]) -> str:
     h = hashlib.sha256()
-    for units, mel in pairs:
+    for units, mel, speaker in pairs:
         h.update(np.ascontiguousarray(units, dtype=np.int64).tobytes())
+        if speaker:  # the default voice (0) hashes as before speakers existed
+            h.update(f"speaker {speaker}".encode())
         h.update(str(tuple(mel.shape)).encode())
         h.update(mel[:: max(1, mel.shape[0] // 4)].numpy().round(3).tobytes())  # a few frames, cheaply
     return h.hexdigest()
 
 
-def prepare_pairs(pairs: Iterable[tuple[np.ndarray, np.ndarray]], cfg: VocoderConfig) -> list[tuple[np.ndarray, torch.Tensor]]:
-    """(units, 16 kHz wav) -> (units, log-mel) with units * upsample == mel frames (the shorter
-    side is trimmed)."""
+def prepare_pairs(pairs: Iterable[tuple], cfg: VocoderConfig) -> list[tuple[np.ndarray, torch.Tensor, int]]:
+    """(units, 16 kHz wav[, speaker label]) -> (units, log-mel, speaker row) with units * upsample == mel
+    frames (the shorter side is trimmed); a missing or unknown speaker is the default voice, row 0."""
     up = cfg.upsample
     out = []
-    for units, wav in pairs:
+    for units, wav, *speaker in pairs:
         u = np.asarray(units).astype(np.int64).reshape(-1)
         if u.size and (u.min() < 0 or u.max() >= cfg.vocab_size):
             raise ZipperError(f"vocoder training: units outside 0..{cfg.vocab_size - 1} "
@@ -56,34 +58,35 @@ def prepare_pairs(pairs: Iterable[tuple[np.ndarray, np.ndarray]], cfg: VocoderCo
         mel = log_mel(np.asarray(wav, dtype=np.float32), cfg.n_mels)
         n = min(len(u), mel.shape[0] // up)
         if n >= 1:
-            out.append((u[:n], mel[:n * up].contiguous()))
+            out.append((u[:n], mel[:n * up].contiguous(), cfg.speaker_index(speaker[0] if speaker else None)))
     return out
 
 
-def _batch(data: list[tuple[np.ndarray, torch.Tensor]], weights: torch.Tensor, cfg: VocoderConfig, step: int):
-    """The segments of one step: a pure function of (seed, step)."""
+def _batch(data: list[tuple[np.ndarray, torch.Tensor, int]], weights: torch.Tensor, cfg: VocoderConfig, step: int):
+    """The segments of one step (units, mels, lengths, speaker rows): a pure function of (seed, step)."""
     g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
     seg, up = cfg.segment_units, cfg.upsample
     idx = torch.multinomial(weights, cfg.batch_size, replacement=True, generator=g).tolist()
     units = torch.zeros(cfg.batch_size, seg, dtype=torch.long)
     mels = torch.zeros(cfg.batch_size, seg * up, cfg.n_mels)
     lens = torch.zeros(cfg.batch_size, dtype=torch.long)
+    speakers = torch.tensor([data[i][2] for i in idx], dtype=torch.long)
     for j, i in enumerate(idx):
-        u, m = data[i]
+        u, m, _ = data[i]
         n = len(u)
         start = int(torch.randint(0, max(0, n - seg) + 1, (1,), generator=g))
         k = min(seg, n - start)
         units[j, :k] = torch.from_numpy(u[start:start + k])
         mels[j, :k * up] = m[start * up:(start + k) * up]
         lens[j] = k
-    return units, mels, lens
+    return units, mels, lens, speakers
 
 
-def _l1(model: UnitVocoder, units, mels, lens) -> torch.Tensor:
+def _l1(model: UnitVocoder, units, mels, lens, speakers) -> torch.Tensor:
     """Masked L1 between predicted and true log-mel. (An added L1 on frame-to-frame differences, weight 1,
     was tried for sharper transitions: pocketsphinx WER 0.309 vs 0.296 without, on 200 demo test
     utterances; not kept.)"""
-    pred = model(units, lens)
+    pred = model(units, lens, speakers)
     mask = (torch.arange(mels.shape[1])[None, :] < (lens * model.upsample)[:, None]).unsqueeze(-1).float()
     return ((pred - mels).abs() * mask).sum() / (mask.sum() * mels.shape[2])
 
@@ -131,9 +134,9 @@ def _optimizer(model: nn.Module, cfg: VocoderConfig) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.99), foreach=False, fused=False)
 
 
-def train_vocoder(pairs: Iterable[tuple[np.ndarray, np.ndarray]], cfg: VocoderConfig, out_dir: str | Path,
+def train_vocoder(pairs: Iterable[tuple], cfg: VocoderConfig, out_dir: str | Path,
                   log: Callable[[str], None] = console_log, *, stop_after: int | None = None) -> UnitVocoder:
-    """Train a UnitVocoder on (units, 16 kHz wav) pairs and save it in out_dir; returns it in eval mode.
+    """Train a UnitVocoder on (units, 16 kHz wav[, speaker label]) pairs and save it in out_dir; returns it in eval mode.
 
     `pairs` is read once (a generator keeps only the log-mel frames in memory, not the audio).
     Reruns: a finished vocoder with the same config and data is loaded, not retrained; an interrupted
@@ -148,7 +151,7 @@ def train_vocoder(pairs: Iterable[tuple[np.ndarray, np.ndarray]], cfg: VocoderCo
     if not data:
         raise ZipperError("vocoder training: no usable (units, audio) pairs (empty or shorter than one unit)")
     signature = {"format": FORMAT, "config": cfg.training_dict(), "data": _data_signature(data)}
-    n_units = sum(len(u) for u, _ in data)
+    n_units = sum(len(u) for u, _, _ in data)
     log(f"vocoder: {len(data)} utterances, {n_units / cfg.frame_rate / 3600:.2f} h "
         f"({n_units} units at {cfg.frame_rate:g} Hz), log-mel in {time.time() - t_prep:.1f}s")
 
@@ -166,7 +169,7 @@ def train_vocoder(pairs: Iterable[tuple[np.ndarray, np.ndarray]], cfg: VocoderCo
     torch.manual_seed(cfg.seed)
     model = UnitVocoder(cfg)
     opt = _optimizer(model, cfg)
-    weights = torch.tensor([float(len(u)) for u, _ in data])
+    weights = torch.tensor([float(len(u)) for u, _, _ in data])
     step, losses, seconds = 0, [], 0.0
     ckpt = out_dir / "train.pt"
     if ckpt.exists():
@@ -180,7 +183,7 @@ def train_vocoder(pairs: Iterable[tuple[np.ndarray, np.ndarray]], cfg: VocoderCo
         else:
             log(f"vocoder: {ckpt} was made with another config or other data; training from scratch")
     if step == 0:
-        model.set_output_mean(torch.cat([m for _, m in data]).mean(0))  # start at the corpus's mean frame
+        model.set_output_mean(torch.cat([m for _, m, _ in data]).mean(0))  # start at the corpus's mean frame
     n_params = sum(p.numel() for p in model.parameters())
     log(f"vocoder: {n_params / 1e6:.2f}M parameters, context {model.receptive_field_seconds:.2f} s, "
         f"{cfg.steps} steps x {cfg.batch_size} segments of {cfg.segment_seconds:g} s")
@@ -203,10 +206,10 @@ def train_vocoder(pairs: Iterable[tuple[np.ndarray, np.ndarray]], cfg: VocoderCo
         with progress() as bar:
             task = bar.add_task("vocoder", total=cfg.steps, completed=step)
             while step < cfg.steps:
-                units, mels, lens = _batch(data, weights, cfg, step)
+                batch = _batch(data, weights, cfg, step)
                 for group in opt.param_groups:
                     group["lr"] = _lr_at(cfg, step)
-                loss = _l1(model, units, mels, lens)
+                loss = _l1(model, *batch)
                 if not torch.isfinite(loss):
                     raise ZipperError(f"vocoder training: non-finite loss at step {step + 1}; try a lower lr")
                 opt.zero_grad(set_to_none=True)

@@ -53,6 +53,9 @@ class DecodeConfig:
     """--tag: name under decode/ (default: model, outputs and source)."""
     vocoder_steps: int | None = None
     """--vocoder-steps: training steps of the unit vocoder when the run has none yet (default: its own)."""
+    voice: str | None = None
+    """--voice: the speaker whose voice speech outputs are vocoded in (a `speaker` label of the run's
+    speech + aligned manifests); default the vocoder's default voice, its most frequent speaker."""
     device: str = "auto"
     """--device: auto (CUDA when present), cpu or cuda. The unit vocoder runs on CPU either way."""
     gen: GenerationConfig = field(default_factory=GenerationConfig)
@@ -167,6 +170,15 @@ def decode(run_dir: Path, cfg: DecodeConfig, force: bool = False) -> dict | None
                     defaults=config_defaults(cfg)) as stage:
         if stage is None:
             return None
+        if cfg.voice is not None:
+            from ..vocoder import training_speakers
+
+            if "speech" not in outputs:
+                raise ZipperError("--voice chooses the voice of speech outputs: add speech to --outputs")
+            known = training_speakers(run_dir)
+            if cfg.voice not in known:
+                raise ZipperError(f"--voice {cfg.voice!r}: not a speaker of this run's speech and aligned audio "
+                                  f"(known: {', '.join(known) if known else 'none: its vocoder has one voice'})")
         device = pick_device(cfg.device)
         generator, kind = load_generator(run_dir, model, device)
         in_m, items = _inputs(run_dir, cfg, outputs, tok)
@@ -189,9 +201,14 @@ def decode(run_dir: Path, cfg: DecodeConfig, force: bool = False) -> dict | None
             from ..vocoder import run_vocoder
 
             vocoder = run_vocoder(run_dir, steps=cfg.vocoder_steps)
+            if cfg.voice is not None and cfg.voice not in vocoder.cfg.speakers:
+                raise ZipperError(f"--voice {cfg.voice!r}: this run's vocoder was trained without it (speakers: "
+                                  f"{', '.join(vocoder.cfg.speakers) or 'none'}); retrain it (delete "
+                                  f"{run_dir / 'tokenizers' / 'speech' / 'vocoder'})")
         rows = []
         speech_units = [g["speech"] for g in gens] if vocoder else []
-        wavs = vocoder.vocode_many(speech_units) if vocoder else []
+        voice = (cfg.voice or (vocoder.cfg.speakers[0] if vocoder.cfg.speakers else None)) if vocoder else None
+        wavs = vocoder.vocode_many(speech_units, speakers=[voice] * len(speech_units)) if vocoder else []
         for i, (it, g) in enumerate(zip(items, gens)):
             row = {"id": it["id"], "input_modality": in_m, "outputs": outputs, "source": it["source"],
                    "input_tokens": len(it["tokens"]), "ref": it["ref"],
@@ -203,6 +220,7 @@ def decode(run_dir: Path, cfg: DecodeConfig, force: bool = False) -> dict | None
                 with atomic_path(out / rel) as tmp:
                     sf.write(tmp, wavs[i], 16000, subtype="PCM_16", format="WAV")
                 row["wav"] = rel
+                row["voice"] = voice
             rows.append(row)
         write_jsonl(out / "hyp.jsonl", rows)
         write_json(out / "config.json", stage_cfg | {"tag": tag, "input_modality": in_m, "split": cfg.split or

@@ -162,7 +162,9 @@ def _score_tts(run_dir, tok, split, hyps, refs, ddir, judge, jname, resynth: dic
         log(f"[eval] {jname}: transcribing {len(ids)} resyntheses of the gold units (oracle / target)")
         key = (split, tuple(ids))
         if key not in resynth:
-            resynth[key] = vocoder.vocode_many([oracle_units[i] for i in ids])
+            # each in its own speaker's voice, as a speaker-conditioned unit vocoder resynthesises
+            resynth[key] = vocoder.vocode_many([oracle_units[i] for i in ids],
+                                               speakers=[refs[i].get("speaker") for i in ids])
         return dict(zip(ids, judge.transcribe_many(resynth[key])))
 
     def truth():

@@ -32,6 +32,7 @@ from ..plots import plot_metrics
 from ..rundir import config_defaults, config_dict, require_stage
 from ..shards import load_role
 from ..trainer import TrainConfig, evaluate, init_distributed, resolve_device, train, training_stage
+from ..vocab import SPEECH_OFFSET
 from .pretrain import load_tower, tower_dir
 
 ARCHS = ("zipper", "single-decoder")
@@ -99,6 +100,11 @@ class FuseConfig:
     on the speech role (unlabeled audio), this many examples per TTS example (zipper with the speech tower
     trained; 0 = the paper's training). Rehearsal against forgetting: without it the tower drifts from
     its language model while it learns from the small aligned set (README)."""
+    speech_input_noise: float = 0.0
+    """--speech-input-noise: on TTS training examples, replace each teacher-forced input unit by a random unit
+    with this probability (the targets stay true). The speech tower then cannot trust its own past as
+    much as it can during pretraining and has to read the text, as in decoding, where the past is its own
+    output (cf. Tacotron's always-on prenet dropout). Zipper only; 0 = the paper's training."""
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def validate(self) -> None:
@@ -139,6 +145,10 @@ class FuseConfig:
         if self.rehearsal and (self.arch != "zipper" or "speech" in self.frozen()):
             raise ZipperError("--rehearsal trains the speech tower of a Zipper: it needs --arch zipper and a "
                               "--freeze that leaves the speech tower trained")
+        if not (math.isfinite(self.speech_input_noise) and 0 <= self.speech_input_noise < 1):
+            raise ZipperError(f"--speech-input-noise must be in [0, 1) (got {self.speech_input_noise})")
+        if self.speech_input_noise and self.arch != "zipper":
+            raise ZipperError("--speech-input-noise is a Zipper option (it corrupts the speech tower's input)")
         parse_task_mix(self.task_mix)
         self.train.validate()
         self.zipper_config(pos_scale={"text": 1.0, "speech": 1.0} if self.xattn_pos != "none" else None).validate()
@@ -177,23 +187,37 @@ class FuseConfig:
 ALIGN_MAX_NATS = 1.0
 
 
+def corrupt_units(tokens: torch.Tensor, rows: list[bool], p: float, vocab_size: int) -> torch.Tensor:
+    """A copy of speech tokens [B, T] where, in the chosen rows, each unit (never a begin, end or pad
+    token) is replaced with probability p by a unit drawn uniformly (it may draw itself)."""
+    is_unit = (tokens >= SPEECH_OFFSET) & torch.tensor(rows, dtype=torch.bool)[:, None]
+    hit = is_unit & (torch.rand(tokens.shape) < p)
+    noise = torch.randint(SPEECH_OFFSET, vocab_size, tokens.shape)
+    return torch.where(hit, noise, tokens)
+
+
 class ZipperLoss:
     """Cross-entropy on the output modality of each example (ASR: text, TTS and LM: speech), plus
     ctc_weight x the CTC loss of the model's CTC head on ASR examples (speech positions -> transcript
     pieces) and ctc_tts_weight x the same on TTS examples, plus clock_weight x sum over ASR and TTS
     examples of log(speech clock end / text length)^2 (a learned clock only), plus clock_align_weight x
     the Huber distance of each speech token's clock place from its piece's text position (FuseConfig).
-    LM examples have no text: no auxiliary loss applies to them."""
+    LM examples have no text: no auxiliary loss applies to them. In training mode, speech_input_noise
+    corrupts TTS examples' input units (FuseConfig.speech_input_noise), drawn from torch's CPU generator,
+    which checkpoints save and resume restores."""
 
     def __init__(self, ctc_weight: float = 0.0, clock_weight: float = 0.0, ctc_tts_weight: float = 0.0,
-                 clock_align_weight: float = 0.0):
+                 clock_align_weight: float = 0.0, speech_input_noise: float = 0.0):
         self.ctc_weight, self.clock_weight, self.ctc_tts_weight = ctc_weight, clock_weight, ctc_tts_weight
-        self.clock_align_weight = clock_align_weight
+        self.clock_align_weight, self.speech_input_noise = clock_align_weight, speech_input_noise
 
     def __call__(self, model, examples: list[Example], device):
         batch, targets = {}, {}
         for m in ("text", "speech"):
             tokens, valid, order, tgt = tower_batch(examples, m)
+            if m == "speech" and self.speech_input_noise > 0 and model.training:
+                tokens = corrupt_units(tokens, [e.task == TTS for e in examples], self.speech_input_noise,
+                                       model.towers["speech"].cfg.vocab_size)
             batch[m] = (tokens.to(device), valid.to(device), order.to(device))
             targets[m] = tgt.to(device)
         weight = [{ASR: self.ctc_weight, TTS: self.ctc_tts_weight}.get(e.task, 0.0) for e in examples]
@@ -367,7 +391,7 @@ def _fuse(run_dir: Path, cfg: FuseConfig, tag: str, out: Path, tok: dict, stage,
         model = Zipper.from_towers(cfg.zipper_config(depth, pos_scale), {"text": text_tower, "speech": speech_tower})
         model.freeze(cfg.frozen())
         loss_fn = ZipperLoss(cfg.ctc_weight, cfg.clock_weight if cfg.xattn_pos == "learned" else 0.0,
-                             cfg.ctc_tts_weight, cfg.clock_align_weight)
+                             cfg.ctc_tts_weight, cfg.clock_align_weight, cfg.speech_input_noise)
         meta = {"arch": "zipper", "zipper": model.cfg.to_dict(),
                 "towers": {n: t.cfg.to_dict() for n, t in model.towers.items()}}
     else:
