@@ -201,7 +201,8 @@ class VocoderConfig:
 
     def speaker_index(self, speaker: str | None) -> int:
         """The embedding row of a speaker label; 0 (the default voice) for None or an unknown label."""
-        return self.speakers.index(speaker) if speaker in self.speakers else 0
+        key = None if speaker is None else str(speaker)  # manifests may hold numbers (LibriSpeech ids)
+        return self.speakers.index(key) if key in self.speakers else 0
 
 
 # ----------------------------------------------------------------------------- the network
