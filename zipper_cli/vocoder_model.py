@@ -15,9 +15,10 @@ test utterances, pocketsphinx): 25 Hz K=512 1.78x (0.302), 25 Hz K=2048 1.65x (0
 1.51x (earlier), 50 Hz K=2048 1.42x (0.240), 100 Hz K=512 1.39x (0.236). Scaling the predicted
 log-mel's deviation from its mean by 1.2 made it worse (0.305 against 0.297): the predicted frames vary
 as much as the true ones (std ratio 1.02), so the loss is in their content, not smoothing.
-Conditioning on the speaker (by_speaker; demo run with ctc-kmeans units, 1500 steps) lowers the train
-L1 from 1.15 to 0.92 and the CTC judge's resynthesis WER from 0.274 to 0.252 (1.70x -> 1.56x), while
-pocketsphinx stays (0.302 -> 0.305): the voice was part of the loss, but most of it is the content.
+Conditioning on the speaker (by_speaker; demo run with ctc-kmeans units, 200 test utterances): at 3000
+steps, train L1 1.00 -> 0.81, pocketsphinx 0.291 -> 0.265 (1.72x -> 1.57x), CTC judge 0.242 -> 0.243; at
+1500 steps, L1 1.15 -> 0.92, CTC judge 0.274 -> 0.252, pocketsphinx 0.302 -> 0.305. The voice was part
+of the loss, but most of it is the content.
 
 Network (UnitVocoder), at the unit rate until the last step:
   unit embedding [K, C] (+ the speaker's embedding [S, C], when conditioned) -> `layers` pre-norm residual blocks (RMS norm over channels, GELU, dilated
