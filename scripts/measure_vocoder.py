@@ -45,7 +45,7 @@ from zipper_cli.atomic import sha256_json  # noqa: E402
 from zipper_cli.audio import read_audio  # noqa: E402
 from zipper_cli.judges import PocketsphinxJudge, wer  # noqa: E402
 from zipper_cli.speech_tokenizer import SpeechTokenizer, SpeechTokenizerConfig, fit_speech_tokenizer, log_mel  # noqa: E402
-from zipper_cli.vocoder import VocoderConfig, griffin_lim, train_vocoder  # noqa: E402
+from zipper_cli.vocoder import VocoderConfig, griffin_lim, rank_speakers, train_vocoder  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:
@@ -208,16 +208,13 @@ def main() -> None:
     # 2. vocoder
     vcfg = vocoder_config(a, vocab_size=tok.vocab_size, frame_rate=float(tok.frame_rate), n_mels=tcfg.n_mels)
     if vcfg.by_speaker:
-        counts: dict = {}
-        for r in train_rows[:a.train_utts]:
-            counts[str(r.get("speaker"))] = counts.get(str(r.get("speaker")), 0) + 1
-        vcfg = dataclasses.replace(vcfg, speakers=tuple(sorted(counts, key=lambda k: (-counts[k], k))))
+        vcfg = dataclasses.replace(vcfg, speakers=rank_speakers(r.get("speaker") for r in train_rows[:a.train_utts]))
     vcfg.validate()
     t0 = time.time()
     pairs = []
     for r in train_rows[:a.train_utts]:
         wav = read_audio(r["audio"])
-        pairs.append((tok.encode(wav), wav, str(r.get("speaker"))))
+        pairs.append((tok.encode(wav), wav, r.get("speaker")))
     encode_seconds = time.time() - t0
     train_keys = {k: v for k, v in vcfg.to_dict().items() if k not in ("gl_iters", "gl_momentum", "save_every")}
     voc_dir = tok_dir / f"vocoder-{sha256_json(train_keys)[:10]}-n{len(pairs)}"
@@ -235,7 +232,7 @@ def main() -> None:
     audio_seconds = sum(w.size for w in wavs) / 16000
     units = [tok.encode(w) for w in wavs]
     t0 = time.time()
-    mels = model.mels(units, speakers=[str(r.get("speaker")) for r in test_rows])
+    mels = model.mels(units, speakers=[r.get("speaker") for r in test_rows])
     net_seconds = time.time() - t0
     t0 = time.time()
     voc = [griffin_lim(m, vcfg.gl_iters, vcfg.gl_momentum) for m in mels]

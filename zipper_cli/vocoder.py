@@ -22,7 +22,8 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Callable, Iterator
+from collections import Counter
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import torchaudio
@@ -35,7 +36,8 @@ from .vocoder_model import FORMAT, INFERENCE_ONLY, MEL_RATE, UnitVocoder, Vocode
 from .vocoder_train import load_vocoder, prepare_pairs, train_vocoder, with_inference_settings
 
 __all__ = ["FORMAT", "INFERENCE_ONLY", "MEL_RATE", "UnitVocoder", "VocoderConfig", "ensure_vocoder", "griffin_lim",
-           "load_vocoder", "prepare_pairs", "run_vocoder", "train_vocoder", "training_speakers"]
+           "load_vocoder", "prepare_pairs", "rank_speakers", "run_vocoder", "train_vocoder",
+           "training_speakers"]
 
 
 # ----------------------------------------------------------------------------- run directory
@@ -60,18 +62,22 @@ def _dir_lock(path: Path, log):
 MANIFESTS = {"speech": "train-speech.jsonl", "aligned": "aligned.jsonl"}  # the roles the vocoder trains on
 
 
+def rank_speakers(labels: Iterable) -> tuple[str, ...]:
+    """Distinct speaker labels (None skipped), most frequent first (ties by name): VocoderConfig.speakers.
+    Empty when fewer than two are labelled (nothing to tell apart)."""
+    counts = Counter(str(x) for x in labels if x is not None)
+    ranked = tuple(sorted(counts, key=lambda k: (-counts[k], k)))
+    return ranked if len(ranked) >= 2 else ()
+
+
 def training_speakers(run_dir: Path) -> tuple[str, ...]:
-    """The speaker labels of the run's speech + aligned manifests, most frequent first (ties by name);
-    empty when fewer than two speakers are labelled (nothing to tell apart)."""
-    counts: dict[str, int] = {}
+    """rank_speakers over the run's speech + aligned manifest rows with audio."""
+    labels = []
     for role, name in MANIFESTS.items():
         path = run_dir / "data" / name
         if (run_dir / "tokens" / role / "index.json").exists() and path.exists():
-            for row in read_jsonl(path):
-                if row.get("speaker") is not None and row.get("audio"):
-                    counts[str(row["speaker"])] = counts.get(str(row["speaker"]), 0) + 1
-    ranked = tuple(sorted(counts, key=lambda k: (-counts[k], k)))
-    return ranked if len(ranked) >= 2 else ()
+            labels += [row.get("speaker") for row in read_jsonl(path) if row.get("audio")]
+    return rank_speakers(labels)
 
 
 def _training_pairs(run_dir: Path, checksum: str, cfg: VocoderConfig, log) -> Iterator[tuple[np.ndarray, np.ndarray, str]]:
@@ -79,9 +85,8 @@ def _training_pairs(run_dir: Path, checksum: str, cfg: VocoderConfig, log) -> It
     from .audio import AudioLimits, AudioReject, read_audio
     from .shards import load_role
 
-    manifests = MANIFESTS
     items = []
-    for role, name in manifests.items():
+    for role, name in MANIFESTS.items():
         if not (run_dir / "tokens" / role / "index.json").exists():
             continue
         units = {r["id"]: r["speech"] for r in load_role(run_dir, role, speech_tok=checksum)

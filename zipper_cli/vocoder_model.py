@@ -21,8 +21,8 @@ steps, train L1 1.00 -> 0.81, pocketsphinx 0.291 -> 0.265 (1.72x -> 1.57x), CTC 
 of the loss, but most of it is the content.
 
 Network (UnitVocoder), at the unit rate until the last step:
-  unit embedding [K, C] (+ the speaker's embedding [S, C], when conditioned) -> `layers` pre-norm residual blocks (RMS norm over channels, GELU, dilated
-  conv k, GELU, 1x1 conv; dilations cycled from cfg.dilations) -> RMS norm, GELU, 1x1 conv to
+  unit embedding [K, C] (+ the speaker's embedding [S, C], when conditioned) -> `layers` pre-norm
+  residual blocks (RMS norm over channels, GELU, dilated conv k, GELU, 1x1 conv; dilations cycled from cfg.dilations) -> RMS norm, GELU, 1x1 conv to
   up * n_mels, read as `up` = 100/frame_rate consecutive mel frames per unit (a transposed conv with
   kernel = stride = up: position-specific weights; 4 frames per 25 Hz unit, 2 per 50 Hz unit)
   -> `post_layers` residual postnet blocks at 100 Hz on the mel frames (conv k, GELU, conv k) that
@@ -107,7 +107,7 @@ class VocoderConfig:
     """Initialisation, the utterance sample and the segment draws."""
     by_speaker: bool = True
     """Condition the network on the speaker (ensure_vocoder fills `speakers` from the run's manifests);
-    False = one averaged voice, as before this option (--vocoder-by-speaker in measure_vocoder.py)."""
+    False = one averaged voice, as before this option (--averaged-voice in scripts/measure_vocoder.py)."""
     speakers: tuple[str, ...] = ()
     """Speaker labels the network is conditioned on (a learned embedding per speaker added to every unit's
     embedding); empty = one averaged voice. ensure_vocoder fills it from the manifests' `speaker` field,
