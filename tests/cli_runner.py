@@ -22,6 +22,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
+def in_process_patches_reach_the_child() -> bool:
+    """A monkeypatch made in the test process reaches the CLI only through fork: on a GPU machine spawn
+    starts a real process instead, which sees none of it."""
+    import torch
+
+    return not torch.cuda.is_available()
+
+
 def warm_imports() -> None:
     """Import what the stages import, once, in the parent: forked children then start instantly."""
     import matplotlib
