@@ -90,6 +90,19 @@ def make_examples(utts: list[dict], mix: tuple[float, float], seed: int) -> list
     return out
 
 
+def with_other_text(examples: list[Example]) -> list[Example]:
+    """The same TTS examples, each given another example's text: the nearest one after it (cyclically)
+    whose text differs, or its own if none does. Its dev loss against the true text's says what reading
+    the text is worth; at step 0 of a Zipper, where fusion is the identity, the two are equal (up to
+    float rounding: the batches pad differently)."""
+    out = []
+    for i, ex in enumerate(examples):
+        after = (examples[(i + k) % len(examples)] for k in range(1, len(examples)))
+        other = next((o for o in after if not np.array_equal(o.pieces, ex.pieces)), ex)
+        out.append(Example(ex.task, other.pieces, ex.units, ex.uid))
+    return out
+
+
 def make_rehearsal(utts: list[dict], n: int, seed: int, max_units: int | None = None) -> list[Example]:
     """n speech-only (LM) examples from `utts` (unlabeled speech), a seeded order cycling through them;
     units beyond max_units are cut (the speech tower's context, less its begin and end tokens)."""

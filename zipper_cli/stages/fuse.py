@@ -3,7 +3,8 @@ single-decoder baseline) on a nested subset of the aligned role, for ASR and TTS
 
 Writes fused/TAG/: config.json (architecture, tower configs, sources and checksums), model.pt (all
 weights, tensors only), ckpt/, metrics.jsonl (train loss, dev loss per direction, gate values), loss.png,
-gates.png, initial.json (dev losses at step 0).
+gates.png, initial.json (dev losses at step 0). At step 0 and at the end it also scores the TTS dev loss given
+another utterance's text: how much the model reads the text.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from ..console import log
 from ..ctc_align import ctc_viterbi
 from ..errors import ZipperError
 from ..fusion_data import (ASR, LM, TASKS, TTS, Example, make_examples, make_rehearsal, nested_subset,
+                           with_other_text,
                            parse_task_mix, tower_batch)
 from ..models.single_decoder import SingleDecoderVocab, build_single_decoder
 from ..models.tower import Tower, TowerConfig
@@ -374,6 +376,8 @@ def _fuse(run_dir: Path, cfg: FuseConfig, tag: str, out: Path, tok: dict, stage,
     mix = parse_task_mix(cfg.task_mix)
     train_ex = make_examples(aligned, mix, cfg.train.seed)
     dev_ex = {task: make_examples(dev, (1, 0) if task == ASR else (0, 1), 0) for task in (ASR, TTS)}
+    # Scored at step 0 and at the end only: the TTS dev loss when the text is another utterance's.
+    other_text = with_other_text(dev_ex[TTS])
 
     text_tower, _ = load_tower(tower_dir(run_dir, "text"))
     torch.manual_seed(cfg.train.seed)
@@ -400,6 +404,7 @@ def _fuse(run_dir: Path, cfg: FuseConfig, tag: str, out: Path, tok: dict, stage,
         loss_fn = SingleDecoderLoss()
         train_ex = to_single_decoder(train_ex, sd_vocab)
         dev_ex = {task: to_single_decoder(ex, sd_vocab) for task, ex in dev_ex.items()}
+        other_text = to_single_decoder(other_text, sd_vocab)
         meta = {"arch": "single-decoder", "towers": {"single": model.cfg.to_dict()},
                 "single_decoder_vocab": {"text_size": sd_vocab.text_size, "speech_size": sd_vocab.speech_size}}
     meta |= {"freeze": cfg.freeze, "tokenizers": {"text": tok["text_tokenizer"], "speech": tok["speech_tokenizer"]},
@@ -417,10 +422,16 @@ def _fuse(run_dir: Path, cfg: FuseConfig, tag: str, out: Path, tok: dict, stage,
             row |= gate_values(m)
         return row
 
+    def text_reliance(m) -> dict:
+        if not other_text:
+            return {}
+        return {"dev_tts_other_text_loss": round(evaluate(m, other_text, dev_loss_fn, cfg.train,
+                                                          resolve_device(cfg.train), d), 6)}
+
     # Every process evaluates (evaluate() is a collective under torchrun); the main one writes. Before
     # train() the model is at step 0 even when resuming, so this is the step-0 row either way.
     model.to(resolve_device(cfg.train))
-    initial = per_direction(model)
+    initial = per_direction(model) | text_reliance(model)
     initial_path = out / "initial.json"
     if d.main and not initial_path.exists():
         write_json(initial_path, initial)
@@ -433,7 +444,7 @@ def _fuse(run_dir: Path, cfg: FuseConfig, tag: str, out: Path, tok: dict, stage,
     summary = train(out, model, train_ex, dev_ex[ASR] + dev_ex[TTS], [len(e) for e in train_ex], loss_fn, cfg.train,
                     log=log if d.main else (lambda *_: None), extra_metrics=per_direction,
                     groups=[TASKS.index(e.task) for e in train_ex])
-    final = per_direction(model)  # collective too: before the main-only part
+    final = per_direction(model) | text_reliance(model)  # collective too: before the main-only part
     if not d.main:
         return summary
     with atomic_path(out / "model.pt") as tmp:
@@ -448,6 +459,10 @@ def _fuse(run_dir: Path, cfg: FuseConfig, tag: str, out: Path, tok: dict, stage,
         key = f"dev_{task}_loss"
         if key in initial:
             log(f"[{stage.name}] dev {task.upper()} loss {initial[key]:.4f} at step 0 -> {final[key]:.4f}")
+    key = "dev_tts_other_text_loss"
+    if key in final:
+        log(f"[{stage.name}] dev TTS loss given another utterance's text {initial[key]:.4f} at step 0 -> "
+            f"{final[key]:.4f} (reading the true text is worth {final[key] - final['dev_tts_loss']:.4f} nats per unit)")
     stage.finish(outputs=summary)
     return summary
 
