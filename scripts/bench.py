@@ -152,17 +152,18 @@ def _train_throughput(precision: str, batch: int, seq: int, vocab: int, steps: i
                       device: str = "cpu") -> dict:
     """Tokens/s of the real training step (model, loss, backward, AdamW) for a `size` tower, in this process."""
     import resource
-    from contextlib import nullcontext
 
     import torch.nn.functional as F
     from zipper_cli.models.tower import Tower, tower_preset
+    from zipper_cli.trainer import TrainConfig, autocast_for
 
     torch.manual_seed(0)
     model = Tower(tower_preset(size, vocab, max_seq_len=seq)).to(device)
     # foreach: one kernel per parameter group on a GPU; on this CPU the per-tensor loop was as fast
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, foreach=device == "cuda")
     x = torch.randint(3, vocab, (batch, seq + 1), device=device)
-    ctx = (lambda: torch.autocast(device, dtype=torch.bfloat16)) if precision == "bf16" else nullcontext
+    tcfg = TrainConfig(precision=precision)  # the trainer's own autocast (and attention path on CPU)
+    ctx = lambda: autocast_for(tcfg, device)  # noqa: E731
 
     def step():
         with ctx():

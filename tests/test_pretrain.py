@@ -22,7 +22,7 @@ from zipper_cli.stages.pretrain import LMLoss, PretrainConfig, load_tower, pretr
 from zipper_cli.stages.tokenize import TokenizeConfig, tokenize
 from zipper_cli.speech_tokenizer import SpeechTokenizerConfig
 from zipper_cli.text_tokenizer import TextTokenizerConfig
-from zipper_cli.trainer import TrainConfig, train
+from zipper_cli.trainer import TrainConfig, autocast_for, train
 
 
 @pytest.fixture(scope="module")
@@ -158,3 +158,20 @@ def test_two_gloo_processes_equal_one_process(tokenized, tmp_path):
     dev1 = json.loads((one / "stages" / "pretrain-text.done.json").read_text())["outputs"]["dev_loss"]
     dev2 = json.loads((two / "stages" / "pretrain-text.done.json").read_text())["outputs"]["dev_loss"]
     assert dev1 == pytest.approx(dev2, rel=1e-4)
+
+
+def test_precision_bf16_on_cpu_autocasts_with_the_math_attention_path():
+    """--precision bf16 on a CPU: autocast, and attention by matmul + softmax rather than CPU flash
+    attention, whose bf16 backward is slow; fp32 (auto on CPU) leaves both alone."""
+    q, k, v = (torch.randn(2, 2, 6, 8, requires_grad=True) for _ in range(3))
+    with autocast_for(TrainConfig(precision="bf16"), "cpu"):
+        assert torch.is_autocast_enabled("cpu")
+        y = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    assert y.dtype == torch.bfloat16 and "Flash" not in type(y.grad_fn).__name__
+    y.float().sum().backward()
+    assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in (q, k, v))
+    for precision in ("auto", "fp32"):
+        with autocast_for(TrainConfig(precision=precision), "cpu"):
+            assert not torch.is_autocast_enabled("cpu")
+            y = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        assert y.dtype == torch.float32
