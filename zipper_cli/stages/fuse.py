@@ -25,8 +25,7 @@ from ..console import log
 from ..ctc_align import ctc_viterbi
 from ..errors import ZipperError
 from ..fusion_data import (ASR, LM, TASKS, TTS, Example, make_examples, make_rehearsal, nested_subset,
-                           with_other_text,
-                           parse_task_mix, tower_batch)
+                           parse_task_mix, tower_batch, with_other_text)
 from ..models.single_decoder import SingleDecoderVocab, build_single_decoder
 from ..models.tower import Tower, TowerConfig
 from ..models.zipper import Zipper, ZipperConfig
