@@ -27,6 +27,7 @@ from typing import Callable, Sequence
 
 import torch
 import torch.distributed as dist
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .atomic import append_jsonl, kill_point, write_json, write_jsonl
 from .batching import make_batches
@@ -166,13 +167,10 @@ def autocast_for(cfg: TrainConfig, device: str):
     if not (cfg.precision == "bf16" or (cfg.precision == "auto" and device == "cuda")):
         yield
         return
-    with torch.autocast(device, dtype=torch.bfloat16), contextlib.ExitStack() as stack:
-        if device == "cpu":
-            # CPU flash attention's bf16 backward was the slowest op of a demo tower's step (26% of it):
-            # the math path (matmul, softmax) trains it 1.2-1.6x faster (scripts/bench.py pretrain).
-            from torch.nn.attention import SDPBackend, sdpa_kernel
-
-            stack.enter_context(sdpa_kernel([SDPBackend.MATH]))
+    # On a CPU, flash attention's bf16 backward was the slowest op of a demo tower's step (26% of it): the
+    # math path (matmul, softmax) trains it 1.2-1.6x faster (scripts/bench.py pretrain).
+    attention = sdpa_kernel([SDPBackend.MATH]) if device == "cpu" else nullcontext()
+    with torch.autocast(device, dtype=torch.bfloat16), attention:
         yield
 
 

@@ -22,7 +22,8 @@ of the loss, but most of it is the content.
 
 Network (UnitVocoder), at the unit rate until the last step:
   unit embedding [K, C] (+ the speaker's embedding [S, C], when conditioned) -> `layers` pre-norm
-  residual blocks (RMS norm over channels, GELU, dilated conv k, GELU, 1x1 conv; dilations cycled from cfg.dilations) -> RMS norm, GELU, 1x1 conv to
+  residual blocks (RMS norm over channels, GELU, dilated conv k, GELU, 1x1 conv; dilations cycled from
+  cfg.dilations) -> RMS norm, GELU, 1x1 conv to
   up * n_mels, read as `up` = 100/frame_rate consecutive mel frames per unit (a transposed conv with
   kernel = stride = up: position-specific weights; 4 frames per 25 Hz unit, 2 per 50 Hz unit)
   -> `post_layers` residual postnet blocks at 100 Hz on the mel frames (conv k, GELU, conv k) that

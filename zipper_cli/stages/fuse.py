@@ -3,8 +3,8 @@ single-decoder baseline) on a nested subset of the aligned role, for ASR and TTS
 
 Writes fused/TAG/: config.json (architecture, tower configs, sources and checksums), model.pt (all
 weights, tensors only), ckpt/, metrics.jsonl (train loss, dev loss per direction, gate values), loss.png,
-gates.png, initial.json (dev losses at step 0). At step 0 and at the end it also scores the TTS dev loss given
-another utterance's text: how much the model reads the text.
+gates.png, initial.json (dev losses at step 0). At step 0 and at the end it also scores the TTS dev loss
+given another utterance's text: how much the model reads the text.
 """
 
 from __future__ import annotations
@@ -460,8 +460,9 @@ def _fuse(run_dir: Path, cfg: FuseConfig, tag: str, out: Path, tok: dict, stage,
             log(f"[{stage.name}] dev {task.upper()} loss {initial[key]:.4f} at step 0 -> {final[key]:.4f}")
     key = "dev_tts_other_text_loss"
     if key in final:
+        gain = final[key] - final["dev_tts_loss"]
         log(f"[{stage.name}] dev TTS loss given another utterance's text {initial[key]:.4f} at step 0 -> "
-            f"{final[key]:.4f} (reading the true text is worth {final[key] - final['dev_tts_loss']:.4f} nats per unit)")
+            f"{final[key]:.4f} (reading the true text is worth {gain:.4f} nats per unit)")
     stage.finish(outputs=summary)
     return summary
 
