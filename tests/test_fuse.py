@@ -87,7 +87,7 @@ def test_rehearsal_rows_are_the_speech_tower_alone():
     cross-entropy, with no CTC or clock term."""
     from test_generate import make_zipper
     from zipper_cli.models.zipper import ZipperConfig
-    from zipper_cli.stages.fuse import ZipperLoss
+    from zipper_cli.fusion_losses import ZipperLoss
 
     # make_zipper randomises the fusion modules and opens the gates: a fusion that has trained.
     model = make_zipper(zcfg=ZipperConfig(n_cross=2, ctc_head=True, input_proj=(), xattn_pos={"text": 1.0, "speech": 0.5},
@@ -191,7 +191,7 @@ def test_cross_attention_positions_on_the_data_axis(pretrained, tmp_path):
 def test_clock_loss_is_the_squared_log_ratio_of_clock_end_to_text_length():
     from zipper_cli.models.tower import Tower, tower_preset
     from zipper_cli.models.zipper import Zipper, ZipperConfig
-    from zipper_cli.stages.fuse import ZipperLoss
+    from zipper_cli.fusion_losses import ZipperLoss
 
     torch.manual_seed(0)
     towers = {"text": Tower(tower_preset("tiny", 40)), "speech": Tower(tower_preset("tiny", 30))}
@@ -254,7 +254,7 @@ def test_ctc_weights_apply_per_task_and_linearly():
     examples' CTC losses: on a mixed batch the two terms are those of the one-task batches."""
     from test_generate import make_zipper
     from zipper_cli.models.zipper import ZipperConfig
-    from zipper_cli.stages.fuse import ZipperLoss
+    from zipper_cli.fusion_losses import ZipperLoss
 
     model = make_zipper(zcfg=ZipperConfig(n_cross=2, ctc_head=True))
     g = np.random.default_rng(0)
@@ -281,7 +281,7 @@ def test_speech_input_noise_corrupts_only_tts_inputs_in_training():
     targets) at about its rate, in training mode only: dev losses are the clean teacher-forced ones."""
     from test_generate import make_zipper
     from zipper_cli.models.zipper import ZipperConfig
-    from zipper_cli.stages.fuse import ZipperLoss, corrupt_units
+    from zipper_cli.fusion_losses import ZipperLoss, corrupt_units
     from zipper_cli.vocab import SPEECH_OFFSET
 
     g = np.random.default_rng(0)
@@ -387,8 +387,8 @@ def test_clock_align_loss_is_gated_by_the_ctc_head_and_trains_the_clock(monkeypa
     on ASR examples whose transcript the CTC head reads; none while the head reads none of them."""
     from test_generate import make_zipper
     from zipper_cli.models.zipper import ZipperConfig
-    from zipper_cli.stages import fuse as fuse_mod
-    from zipper_cli.stages.fuse import ZipperLoss
+    from zipper_cli import fusion_losses
+    from zipper_cli.fusion_losses import ZipperLoss
 
     model = make_zipper(dtype=torch.float32, zcfg=ZipperConfig(n_cross=2, ctc_head=True, input_proj=(),
                                                                xattn_pos={"text": 1.0, "speech": 0.5}, xattn_clock=True))
@@ -400,9 +400,9 @@ def test_clock_align_loss_is_gated_by_the_ctc_head_and_trains_the_clock(monkeypa
         return ZipperLoss(ctc_weight=1.0, **kw)(model, ex, "cpu")[0]
 
     base = loss().item()
-    monkeypatch.setattr(fuse_mod, "ALIGN_MAX_NATS", 0.0)  # the head reads nothing yet: no alignment term
+    monkeypatch.setattr(fusion_losses, "ALIGN_MAX_NATS", 0.0)  # the head reads nothing yet: no alignment term
     assert loss(clock_align_weight=5.0).item() == base
-    monkeypatch.setattr(fuse_mod, "ALIGN_MAX_NATS", float("inf"))
+    monkeypatch.setattr(fusion_losses, "ALIGN_MAX_NATS", float("inf"))
     one = loss(clock_align_weight=1.0).item() - base
     assert one > 0 and loss(clock_align_weight=3.0).item() - base == pytest.approx(3 * one, rel=1e-4)
     model.zero_grad()

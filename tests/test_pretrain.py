@@ -18,7 +18,7 @@ from conftest import make_small_manifest
 
 from zipper_cli.checkpoint import latest_checkpoint, load_checkpoint
 from zipper_cli.errors import ZipperError
-from zipper_cli.stages.pretrain import LMLoss, PretrainConfig, load_tower, pretrain
+from zipper_cli.stages.pretrain import PretrainConfig, load_tower, pretrain
 from zipper_cli.stages.tokenize import TokenizeConfig, tokenize
 from zipper_cli.speech_tokenizer import SpeechTokenizerConfig
 from zipper_cli.text_tokenizer import TextTokenizerConfig

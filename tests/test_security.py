@@ -25,7 +25,7 @@ import torch
 
 from cli_runner import warm_imports, zipper
 from conftest import make_small_manifest, write_wav
-from zipper_cli.checkpoint import ckpt_name, load_checkpoint
+from zipper_cli.checkpoint import load_checkpoint
 from zipper_cli.errors import ZipperError
 
 PACKAGE = Path(__file__).resolve().parent.parent / "zipper_cli"

@@ -361,7 +361,7 @@ def test_from_configs_loads_state_dict_and_three_towers():
 
 
 def test_ctc_head_leaves_logits_alone_and_feeds_g_from_the_first_step():
-    from zipper_cli.stages.fuse import ZipperLoss
+    from zipper_cli.fusion_losses import ZipperLoss
     from zipper_cli.fusion_data import ASR, Example
 
     torch.manual_seed(0)

@@ -14,10 +14,11 @@
 # The budget is the same for every model: --steps optimizer steps of at most --max-tokens padded tokens.
 # --demo-recipe fuses and decodes as recipes/demo does (none of it is in the paper, see README): both
 # Zipper models get the demo's cross-attention (a learned clock for positions on a shared time axis, a
-# diagonal start, open gates over zero-initialised branches) and its auxiliary CTC loss; every model is
-# decoded by beam search (ASR 4 beams, TTS 8), Zipper ASR jointly with its CTC head (the single decoder
-# has none). Without it: the paper's block, no CTC loss, greedy decoding. The demo's later
-# --ctc-tts-weight 3 is not among them: RESULTS.md was measured without it.
+# diagonal start, open gates over zero-initialised branches), its auxiliary CTC loss on ASR and TTS
+# examples and its noised TTS input units; Zipper ASR is decoded by joint CTC/attention beam search and
+# Zipper TTS as the best of 16 samples by its CTC head; the single decoder (no CTC head) by beam search
+# (ASR 4 beams, TTS 8). Training runs in bf16 where the CPU multiplies bf16 natively, as in the demo.
+# Without it: the paper's block, no CTC loss, greedy decoding, zipper's own precision.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -54,10 +55,14 @@ python=.venv/bin/python
 # model name -> fuse options. Zipper runs keep the text tower frozen (as in the paper); the learning
 # rates are the paper's choices for each condition scaled to this budget (see recipes/paper/README.md).
 zip_opts="--arch zipper --input-proj none --gate-lr-mult 10 --lr 1e-3 --dropout 0.1"
-asr_opts="" tts_opts=""
+asr_opts="" tts_opts="" zip_asr_opts="" zip_tts_opts="" precision=auto
 if [ "$demo_recipe" = 1 ]; then
-  zip_opts="$zip_opts --xattn-pos learned --xattn-prior 8 --gate-init 0.5 --ctc-weight 3"
+  zip_opts="$zip_opts --xattn-pos learned --xattn-prior 8 --gate-init 0.5 --ctc-weight 3 --ctc-tts-weight 3"
+  zip_opts="$zip_opts --speech-input-noise 0.3"
   asr_opts="--strategy beam --beam 4" tts_opts="--strategy beam --beam 8"
+  zip_asr_opts="$asr_opts --ctc-weight 0.3" zip_tts_opts="--strategy sample --temperature 0.7 --best-of 16"
+  # The demo recipe's precision choice (bf16 on CPUs with native bf16 matmuls).
+  if grep -qwE 'avx512_bf16|amx_bf16' /proc/cpuinfo 2>/dev/null; then precision=bf16; fi
 fi
 declare -A fuse_opts=(
   [zipper-unfrozen]="$zip_opts --freeze text"
@@ -83,7 +88,8 @@ if [ "$stage" -le 4 ] && [ "$stop_stage" -ge 4 ]; then
       echo "== stage 4: fuse $m on fraction $f of the aligned data ($steps steps x $max_tokens tokens)"
       # shellcheck disable=SC2086  # fuse_opts holds several options
       $zipper fuse --run-dir "$run_dir" ${fuse_opts[$m]} --aligned-fraction "$f" --tag "$m-f$f" \
-        --steps "$steps" --warmup 50 --max-tokens "$max_tokens" --eval-every 100 --ckpt-every 100
+        --steps "$steps" --warmup 50 --max-tokens "$max_tokens" --eval-every 100 --ckpt-every 100 \
+        --precision "$precision"
     done
   done
 fi
@@ -91,14 +97,13 @@ fi
 if [ "$stage" -le 5 ] && [ "$stop_stage" -ge 5 ]; then
   for t in "${tags[@]}"; do
     echo "== stage 5: decode $t (ASR and TTS, first $limit test utterances)"
-    joint=""  # joint CTC/attention ASR for the models fused with a CTC head (Zipper under --demo-recipe)
-    [ "$demo_recipe" = 1 ] && [ "${t#zipper}" != "$t" ] && joint="--ctc-weight 0.3"
+    # Zipper models under --demo-recipe have a CTC head: joint CTC/attention ASR, best-of-N TTS.
+    a=$asr_opts s=$tts_opts
+    if [ "$demo_recipe" = 1 ] && [ "${t#zipper}" != "$t" ]; then a=$zip_asr_opts s=$zip_tts_opts; fi
     # shellcheck disable=SC2086  # the option strings hold several options
-    $zipper decode --run-dir "$run_dir" --model "fused/$t" --outputs text --split test --limit "$limit" --tag "$t-asr" \
-      $asr_opts $joint
+    $zipper decode --run-dir "$run_dir" --model "fused/$t" --outputs text --split test --limit "$limit" --tag "$t-asr" $a
     # shellcheck disable=SC2086
-    $zipper decode --run-dir "$run_dir" --model "fused/$t" --outputs speech --split test --limit "$limit" --tag "$t-tts" \
-      $tts_opts
+    $zipper decode --run-dir "$run_dir" --model "fused/$t" --outputs speech --split test --limit "$limit" --tag "$t-tts" $s
   done
 fi
 

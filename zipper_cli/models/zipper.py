@@ -184,7 +184,7 @@ class Zipper(nn.Module):
         )
         # --xattn-pos learned: each later tower's clock (see axis_positions); the first tower is the axis.
         self.clock = nn.ModuleDict({n: nn.Linear(tcfg[n].n_embd, 1) for n in names[1:]}) if cfg.xattn_clock else None
-        a, b = names[0], names[1]
+        a = names[0]
         self.ctc_head = nn.Linear(tcfg[a].n_embd, tcfg[a].vocab_size, bias=False) if cfg.ctc_head else None
         self._init_fusion()
 
