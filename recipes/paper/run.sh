@@ -98,12 +98,12 @@ if [ "$stage" -le 5 ] && [ "$stop_stage" -ge 5 ]; then
   for t in "${tags[@]}"; do
     echo "== stage 5: decode $t (ASR and TTS, first $limit test utterances)"
     # Zipper models under --demo-recipe have a CTC head: joint CTC/attention ASR, best-of-N TTS.
-    a=$asr_opts s=$tts_opts
-    if [ "$demo_recipe" = 1 ] && [ "${t#zipper}" != "$t" ]; then a=$zip_asr_opts s=$zip_tts_opts; fi
+    asr=$asr_opts tts=$tts_opts
+    if [ "$demo_recipe" = 1 ] && [ "${t#zipper}" != "$t" ]; then asr=$zip_asr_opts tts=$zip_tts_opts; fi
     # shellcheck disable=SC2086  # the option strings hold several options
-    $zipper decode --run-dir "$run_dir" --model "fused/$t" --outputs text --split test --limit "$limit" --tag "$t-asr" $a
+    $zipper decode --run-dir "$run_dir" --model "fused/$t" --outputs text --split test --limit "$limit" --tag "$t-asr" $asr
     # shellcheck disable=SC2086
-    $zipper decode --run-dir "$run_dir" --model "fused/$t" --outputs speech --split test --limit "$limit" --tag "$t-tts" $s
+    $zipper decode --run-dir "$run_dir" --model "fused/$t" --outputs speech --split test --limit "$limit" --tag "$t-tts" $tts
   done
 fi
 
