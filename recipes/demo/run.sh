@@ -33,9 +33,10 @@ while [ $# -gt 0 ]; do
 done
 
 # Training precision of stages 2-4. auto: bf16 autocast where the CPU multiplies bf16 natively
-# (AVX512-BF16 or AMX; on such a 2-core CPU the demo tower trains 2.5x faster than in fp32,
-# scripts/bench.py pretrain), else zipper's own auto (bf16 on CUDA, fp32 on CPU).
-if [ "$precision" = auto ] && grep -qwE 'avx512_bf16|amx_bf16' /proc/cpuinfo 2>/dev/null; then
+# (recipes/native_bf16.sh), else zipper's own auto (bf16 on CUDA, fp32 on CPU).
+# shellcheck source=recipes/native_bf16.sh
+. recipes/native_bf16.sh
+if [ "$precision" = auto ] && native_bf16; then
   precision=bf16
 fi
 echo "== training precision: $precision"

@@ -62,7 +62,9 @@ if [ "$demo_recipe" = 1 ]; then
   asr_opts="--strategy beam --beam 4" tts_opts="--strategy beam --beam 8"
   zip_asr_opts="$asr_opts --ctc-weight 0.3" zip_tts_opts="--strategy sample --temperature 0.7 --best-of 16"
   # The demo recipe's precision choice (bf16 on CPUs with native bf16 matmuls).
-  if grep -qwE 'avx512_bf16|amx_bf16' /proc/cpuinfo 2>/dev/null; then precision=bf16; fi
+  # shellcheck source=recipes/native_bf16.sh
+  . recipes/native_bf16.sh
+  if native_bf16; then precision=bf16; fi
 fi
 declare -A fuse_opts=(
   [zipper-unfrozen]="$zip_opts --freeze text"
