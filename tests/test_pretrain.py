@@ -22,7 +22,7 @@ from zipper_cli.stages.pretrain import PretrainConfig, load_tower, pretrain
 from zipper_cli.stages.tokenize import TokenizeConfig, tokenize
 from zipper_cli.speech_tokenizer import SpeechTokenizerConfig
 from zipper_cli.text_tokenizer import TextTokenizerConfig
-from zipper_cli.trainer import TrainConfig, autocast_for, train
+from zipper_cli.trainer import TrainConfig, autocast_for, cpu_multiplies_bf16, slow_bf16_warning, train
 
 
 @pytest.fixture(scope="module")
@@ -158,6 +158,24 @@ def test_two_gloo_processes_equal_one_process(tokenized, tmp_path):
     dev1 = json.loads((one / "stages" / "pretrain-text.done.json").read_text())["outputs"]["dev_loss"]
     dev2 = json.loads((two / "stages" / "pretrain-text.done.json").read_text())["outputs"]["dev_loss"]
     assert dev1 == pytest.approx(dev2, rel=1e-4)
+
+
+ZEN3_FLAGS = "flags\t\t: fpu sse sse2 avx avx2 fma f16c\n"
+ZEN4_FLAGS = "flags\t\t: fpu avx2 avx512f avx512_bf16 avx512_vnni\n"
+NEOVERSE_V1 = "Features\t: fp asimd sve bf16 i8mm\n"
+
+
+def test_native_bf16_is_read_from_the_cpu_flags_and_bf16_where_it_is_emulated_warns():
+    assert cpu_multiplies_bf16(ZEN3_FLAGS * 2) is False
+    assert cpu_multiplies_bf16(ZEN4_FLAGS) is True and cpu_multiplies_bf16(NEOVERSE_V1) is True
+    assert cpu_multiplies_bf16("flags: avx512_bf16x\n") is False  # whole flags only
+    assert cpu_multiplies_bf16() in (True, False, None)  # this machine's own answer, whatever it is
+    line = slow_bf16_warning(TrainConfig(precision="bf16"), "cpu", ZEN3_FLAGS)
+    assert line.startswith("warning: --precision bf16 on a CPU without native bf16") and "--precision auto or fp32" in line
+    assert slow_bf16_warning(TrainConfig(precision="bf16"), "cpu", ZEN4_FLAGS) is None
+    assert slow_bf16_warning(TrainConfig(precision="bf16"), "cuda", ZEN3_FLAGS) is None
+    for precision in ("auto", "fp32"):
+        assert slow_bf16_warning(TrainConfig(precision=precision), "cpu", ZEN3_FLAGS) is None
 
 
 def test_precision_bf16_on_cpu_autocasts_with_the_math_attention_path():

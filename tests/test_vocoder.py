@@ -19,6 +19,7 @@ from zipper_cli.vocoder import (
     VocoderConfig,
     ensure_vocoder,
     griffin_lim,
+    griffin_lim_many,
     load_vocoder,
     train_vocoder,
 )
@@ -126,6 +127,22 @@ def test_griffin_lim_gives_finite_audio_of_the_right_length():
     # louder than full scale is scaled down, never clipped into distortion
     assert np.abs(griffin_lim(lm + 6.0, n_iter=4)).max() <= 1.0
     assert griffin_lim(torch.zeros(1, 80)).size == 160
+
+
+def test_griffin_lim_many_in_processes_equals_one_by_one_in_order():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    torch.randn(256, 256) @ torch.randn(256, 256)  # the parent has used its thread pool before the fork
+    torch.set_num_threads(threads)
+    mels = [log_mel(speechlike(0.2 + 0.1 * (i % 5), seed=i)) for i in range(9)]  # lengths out of order
+    mels[4] = torch.as_tensor(mels[4])  # tensors and arrays alike
+    one_by_one = [griffin_lim(m, n_iter=4) for m in mels]
+    for workers in (2, 1):
+        out = griffin_lim_many(mels, n_iter=4, workers=workers)
+        assert len(out) == len(mels)
+        for a, b in zip(out, one_by_one):
+            assert np.array_equal(a, b)
+    assert griffin_lim_many([], n_iter=4) == []
 
 
 @pytest.mark.parametrize("field, value, words", [

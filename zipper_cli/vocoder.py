@@ -2,7 +2,7 @@
 
 Modules:
   vocoder_model.py        VocoderConfig and the network (UnitVocoder): units -> log-mel frames
-  vocoder_griffin_lim.py  griffin_lim: log-mel frames -> waveform
+  vocoder_griffin_lim.py  griffin_lim(_many): log-mel frames -> waveform
   vocoder_train.py        train_vocoder, load_vocoder (a vocoder directory)
   vocoder.py              the run directory's vocoder (ensure_vocoder, run_vocoder); every public name
                           above is importable from here
@@ -31,12 +31,12 @@ import torchaudio
 from .atomic import read_jsonl, write_json
 from .console import log as console_log, progress
 from .errors import ZipperError
-from .vocoder_griffin_lim import griffin_lim
+from .vocoder_griffin_lim import griffin_lim, griffin_lim_many
 from .vocoder_model import FORMAT, INFERENCE_ONLY, MEL_RATE, UnitVocoder, VocoderConfig
 from .vocoder_train import load_vocoder, prepare_pairs, train_vocoder, with_inference_settings
 
 __all__ = ["FORMAT", "INFERENCE_ONLY", "MEL_RATE", "UnitVocoder", "VocoderConfig", "ensure_vocoder", "griffin_lim",
-           "load_vocoder", "prepare_pairs", "rank_speakers", "run_vocoder", "train_vocoder",
+           "griffin_lim_many", "load_vocoder", "prepare_pairs", "rank_speakers", "run_vocoder", "train_vocoder",
            "training_speakers"]
 
 

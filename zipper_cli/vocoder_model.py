@@ -47,7 +47,7 @@ import torch.nn.functional as F
 
 from .errors import ZipperError
 from .speech_tokenizer import HOP, SAMPLE_RATE
-from .vocoder_griffin_lim import griffin_lim
+from .vocoder_griffin_lim import griffin_lim_many
 
 MEL_RATE = SAMPLE_RATE // HOP  # 100 Hz
 FORMAT = 1  # bump when the network or the on-disk layout changes
@@ -366,7 +366,8 @@ class UnitVocoder(nn.Module):
         return self.vocode_many([units], speakers=[speaker])[0]
 
     def vocode_many(self, units_list: Sequence[np.ndarray], batch_size: int = 16,
-                    speakers: Sequence[str | None] | None = None) -> list[np.ndarray]:
-        """Batched network, then Griffin-Lim per utterance (its cost dominates; deterministic per utterance)."""
-        return [griffin_lim(m, self.cfg.gl_iters, self.cfg.gl_momentum)
-                for m in self.mels(units_list, batch_size, speakers)]
+                    speakers: Sequence[str | None] | None = None, workers: int | None = None) -> list[np.ndarray]:
+        """Batched network, then Griffin-Lim per utterance (its cost dominates; deterministic per utterance)
+        in `workers` processes (default: one per CPU)."""
+        return griffin_lim_many(self.mels(units_list, batch_size, speakers), self.cfg.gl_iters, self.cfg.gl_momentum,
+                                workers)
