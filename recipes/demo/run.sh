@@ -47,7 +47,7 @@ zipper=.venv/bin/zipper
 if [ "$stage" -le 1 ] && [ "$stop_stage" -ge 1 ]; then
   echo "== stage 1: tokenize the demo corpus"
   # ctc-kmeans: units clustered from a small CTC recogniser trained here on the aligned role, so they
-  # follow the words rather than the voice (mel-kmeans units carry more voice than words; README,
+  # follow the words rather than the voice (mel-kmeans units carry more voice than words; recipes/demo/README.md,
   # "Why the demo fuses differently"). Measured on this recipe: ASR 21.1% -> 9.8%, TTS vs target
   # 74.4% -> 59.7%. They learn from the aligned transcripts, so recipes/paper (which compares aligned
   # fractions) keeps mel-kmeans.
@@ -69,7 +69,7 @@ fi
 
 if [ "$stage" -le 4 ] && [ "$stop_stage" -ge 4 ]; then
   echo "== stage 4: zip the towers (text frozen, speech trained) on the aligned role"
-  # Short-run choices (see README): no input projections, so the frozen text tower starts from its
+  # Short-run choices (recipes/demo/README.md): no input projections, so the frozen text tower starts from its
   # pretrained behaviour; rotary positions in the cross-attention on a shared text/speech time axis, the
   # speech placed on it by a learned clock, started as a soft diagonal (--xattn-pos learned,
   # --xattn-prior); gates open over zero-initialised branch
@@ -78,7 +78,7 @@ if [ "$stage" -le 4 ] && [ "$stop_stage" -ge 4 ]; then
   # the aligned set; an auxiliary CTC loss on the speech tower (weight 3: its head also scores the ASR
   # decode in stage 5), on TTS examples too (--ctc-tts-weight 3: there the speech positions must learn
   # from the text which character they say, an alignment signal). None of these is in the paper: without
-  # them the fusion learns nothing in a CPU budget (README, "Why the demo fuses differently").
+  # them the fusion learns nothing in a CPU budget (recipes/demo/README.md, "Why the demo fuses differently").
   # --speech-input-noise 0.3: TTS examples' input units are randomly replaced 30% of the time, so the
   # speech tower cannot lean on its own past and must read the text, as in decoding. Measured on this
   # recipe: TTS vs target 53.3% -> 50.0% (CTC judge) and 55.7% -> 50.1% (pocketsphinx); 0.5 gave 52.1% / 51.6%.
