@@ -36,10 +36,16 @@ done
 # (recipes/native_bf16.sh), else zipper's own auto (bf16 on CUDA, fp32 on CPU).
 # shellcheck source=recipes/native_bf16.sh
 . recipes/native_bf16.sh
-if [ "$precision" = auto ] && native_bf16; then
-  precision=bf16
+if [ "$precision" = auto ]; then
+  if native_bf16; then
+    precision=bf16
+    echo "== training precision: bf16 (this CPU multiplies bf16 natively)"
+  else
+    echo "== training precision: auto (bf16 on CUDA, else fp32: this CPU has no native bf16)"
+  fi
+else
+  echo "== training precision: $precision"
 fi
-echo "== training precision: $precision"
 
 zipper=.venv/bin/zipper
 [ -x "$zipper" ] || zipper=zipper
