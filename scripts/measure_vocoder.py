@@ -8,9 +8,15 @@ units (tokens/test), the run's vocoder (ensure_vocoder: trained into RUN/tokeniz
 first need with VocoderConfig defaults, or the flags given), the whole test split (data/test.jsonl).
 Judges: pocketsphinx, and with --ctc the run's CTC judge (ensure_ctc_judge: RUN/judges/ctc, trained on
 the aligned role if missing). Reports per judge the WER on the original audio and on audio resynthesised
-from the gold units, and their ratio against --target (the issue's 1.3).
+from the gold units, and their ratio against --target (the issue's 1.3). With --mix, also audio that
+tells where the loss is (each through the same Griffin-Lim): the true log-mel; its envelope alone (the
+first --cepstra mel-cepstral coefficients); the true log-mel averaged over runs of 2 and 4 frames (what
+a vocoder that knew the true spectrum, but only at a 50 or 25 Hz unit rate, would give), and the 25 Hz
+averages interpolated linearly between run centres (the same knowledge, without the steps); and the
+predicted and true log-mel with their envelopes swapped.
 
   .venv/bin/python scripts/measure_vocoder.py --run-dir /tmp/runs/voc-exp --ctc --threads 1
+  .venv/bin/python scripts/measure_vocoder.py --run-dir /tmp/runs/voc-exp --ctc --mix --steps 1500
 
 --corpus DIR (vocoder experiments without a run; pocketsphinx only):
   1. fit a mel-kmeans speech tokenizer (default K=512, 25 Hz) on the corpus's speech + aligned audio
@@ -46,6 +52,7 @@ from zipper_cli.audio import read_audio  # noqa: E402
 from zipper_cli.judges import PocketsphinxJudge, wer  # noqa: E402
 from zipper_cli.speech_tokenizer import SpeechTokenizer, SpeechTokenizerConfig, fit_speech_tokenizer, log_mel  # noqa: E402
 from zipper_cli.vocoder import VocoderConfig, griffin_lim, rank_speakers, train_vocoder  # noqa: E402
+from zipper_cli.vocoder_train import mel_cepstrum_basis  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:
@@ -76,6 +83,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--segment-seconds", type=float, default=d.segment_seconds)
     p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--envelope-weight", type=float, default=d.envelope_weight,
+                   help="weight of the vocoder's envelope (mel-cepstrum) L1; 0: log-mel L1 alone")
+    p.add_argument("--envelope-cepstra", type=int, default=d.envelope_cepstra)
     p.add_argument("--gl-iters", type=int, default=d.gl_iters)
     p.add_argument("--gl-momentum", type=float, default=d.gl_momentum)
     p.add_argument("--seed", type=int, default=0)
@@ -84,6 +94,10 @@ def parse_args() -> argparse.Namespace:
                    help="also judge the per-cluster mean log-mel lookup (each unit -> its cluster's mean frames)")
     p.add_argument("--skip-gl-true", action="store_true", help="do not judge Griffin-Lim from the true log-mel")
     p.add_argument("--dump", help="also write per-utterance transcripts to this JSONL file")
+    p.add_argument("--mix", action="store_true",
+                   help="--run-dir: also judge the true log-mel, its envelope alone, its 50 and 25 Hz averages, "
+                        "and the predicted and true log-mel with envelopes swapped (where intelligibility is lost)")
+    p.add_argument("--cepstra", type=int, default=20, help="--mix: mel-cepstral coefficients kept as the envelope")
     return p.parse_args()
 
 
@@ -105,11 +119,59 @@ def cluster_means(pairs, k: int, up: int, n_mels: int) -> torch.Tensor:
     return mean.float().view(k, up, n_mels)
 
 
+def envelope(log_mel_frames: torch.Tensor, cepstra: int) -> torch.Tensor:
+    """The spectral envelope of log-mel frames [T, n_mels]: their first `cepstra` mel-cepstral coefficients
+    (the vocoder's envelope loss compares the same ones) transformed back; the rest (log-mel minus this) is
+    the fine structure (harmonics, noise)."""
+    basis = mel_cepstrum_basis(log_mel_frames.shape[-1], cepstra).double()  # [n_mels, cepstra], orthonormal columns
+    return (log_mel_frames.double() @ basis @ basis.t()).to(log_mel_frames.dtype)
+
+
+def unit_average(log_mel_frames: torch.Tensor, up: int) -> torch.Tensor:
+    """Each run of `up` frames (one unit's) replaced by its mean frame; a shorter tail is kept as it is."""
+    t = log_mel_frames.shape[0] // up * up
+    blocks = log_mel_frames[:t].reshape(-1, up, log_mel_frames.shape[1])  # [units, up, n_mels]
+    avg = blocks.mean(1, keepdim=True).expand_as(blocks).reshape(t, -1)
+    return torch.cat([avg, log_mel_frames[t:]])
+
+
+def unit_interpolate(log_mel_frames: torch.Tensor, up: int) -> torch.Tensor:
+    """Each run of `up` frames' mean placed at the run's centre, frames in between interpolated linearly
+    (held flat before the first centre and after the last); a shorter tail is kept as it is."""
+    t = log_mel_frames.shape[0] // up * up
+    if t == 0:
+        return log_mel_frames.clone()
+    means = log_mel_frames[:t].reshape(-1, up, log_mel_frames.shape[1]).mean(1)  # [units, n_mels]
+    pos = (torch.arange(t, dtype=torch.float32) - (up - 1) / 2) / up  # frame position in units of centres
+    pos = pos.clamp(0, means.shape[0] - 1)
+    lo = pos.floor().long()
+    hi = (lo + 1).clamp(max=means.shape[0] - 1)
+    w = (pos - lo.float())[:, None]
+    return torch.cat([means[lo] * (1 - w) + means[hi] * w, log_mel_frames[t:]])
+
+
+def mix_conditions(pred: list[torch.Tensor], true: list[torch.Tensor], cepstra: int) -> dict:
+    """--mix: log-mel frames per condition (each pair cut to its shorter length)."""
+    pairs = [(p[:min(len(p), len(t))], t[:min(len(p), len(t))]) for p, t in zip(pred, true)]
+    env = [(envelope(p, cepstra), envelope(t, cepstra)) for p, t in pairs]
+    return {
+        "gl_true": [t for _, t in pairs],
+        "true_envelope": [et for _, et in env],
+        "true_average_50hz": [unit_average(t, 2) for _, t in pairs],
+        "true_average_25hz": [unit_average(t, 4) for _, t in pairs],
+        "true_interpolated_25hz": [unit_interpolate(t, 4) for _, t in pairs],
+        "pred_envelope+true_fine": [ep + t - et for (_, t), (ep, et) in zip(pairs, env)],
+        "true_envelope+pred_fine": [et + p - ep for (p, _), (ep, et) in zip(pairs, env)],
+    }
+
+
 def vocoder_config(a: argparse.Namespace, **shape) -> VocoderConfig:
     """The flags as a VocoderConfig; `shape` (vocab_size, frame_rate, n_mels) comes from the tokenizer."""
     return VocoderConfig(**shape, channels=a.channels, layers=a.layers, kernel_size=a.kernel_size,
                          dilations=tuple(int(x) for x in a.dilations.split(",")), post_layers=a.post_layers,
-                         steps=a.steps, lr=a.lr, batch_size=a.batch_size, segment_seconds=a.segment_seconds,
+                         steps=a.steps, lr=a.lr, envelope_weight=a.envelope_weight,
+                         envelope_cepstra=a.envelope_cepstra, batch_size=a.batch_size,
+                         segment_seconds=a.segment_seconds,
                          gl_iters=a.gl_iters, gl_momentum=a.gl_momentum, max_utterances=a.max_utterances, seed=a.seed,
                          by_speaker=not a.averaged_voice)
 
@@ -118,7 +180,7 @@ def measure_run(a: argparse.Namespace) -> dict:
     """The run's vocoder on the run's test split: original vs resynthesised-from-gold-units WER per judge."""
     from zipper_cli.atomic import read_jsonl
     from zipper_cli.shards import load_role
-    from zipper_cli.vocoder import ensure_vocoder
+    from zipper_cli.vocoder import ensure_vocoder, griffin_lim_many
 
     run = Path(a.run_dir)
     tok = json.loads((run / "tokenizers" / "speech" / "tokenizer.json").read_text())
@@ -139,6 +201,11 @@ def measure_run(a: argparse.Namespace) -> dict:
     t0 = time.time()
     voc = [griffin_lim(m, vcfg.gl_iters, vcfg.gl_momentum) for m in mels]
     gl_seconds = time.time() - t0
+    audio = {"original": wavs, "vocoder": voc}
+    if a.mix:
+        true = [log_mel(w, vcfg.n_mels) for w in wavs]
+        for name, frames in mix_conditions(mels, true, a.cepstra).items():
+            audio[name] = griffin_lim_many(frames, vcfg.gl_iters, vcfg.gl_momentum)
     judges = [PocketsphinxJudge()]
     if a.ctc:
         from zipper_cli.ctc_judge import ensure_ctc_judge
@@ -149,14 +216,17 @@ def measure_run(a: argparse.Namespace) -> dict:
     hyps: dict = {}
     for judge in judges:
         t0 = time.time()
-        h = {"original": judge.transcribe_many(wavs), "vocoder": judge.transcribe_many(voc)}
+        h = {name: judge.transcribe_many(x) for name, x in audio.items()}
         w = {k: round(wer(refs, v), 4) for k, v in h.items()}
         ratio = round(w["vocoder"] / max(w["original"], 1e-9), 3)
         result["judges"][judge.name] = {"version": judge.version, "wer": w, "ratio_vocoder_to_original": ratio,
                                         "meets_target": ratio <= a.target, "seconds": round(time.time() - t0, 1)}
         hyps[judge.name] = h
-        log(f"{judge.name}: original WER {w['original']:.4f}, vocoder WER {w['vocoder']:.4f}, ratio {ratio:.3f}")
+        log(f"{judge.name}: original WER {w['original']:.4f}, vocoder WER {w['vocoder']:.4f}, ratio {ratio:.3f}"
+            + "".join(f"; {k} {v:.4f}" for k, v in w.items() if k not in ("original", "vocoder")))
     result["target_ratio"] = a.target
+    if a.mix:
+        result["mix_cepstra"] = a.cepstra
     result["vocoder"] = {"config": vcfg.to_dict(), "train_utterances": meta.get("utterances"),
                          "train_hours": meta.get("hours"), "parameters": meta.get("parameters"),
                          "train_l1": meta.get("train_l1"), "train_seconds": meta.get("train_seconds"),

@@ -8,12 +8,22 @@ import os
 # busy process are several times slower than one: pin the suite (and the CLIs it starts) to one thread.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+import importlib.util
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import soundfile as sf
+
+
+def load_script(name: str):
+    """scripts/NAME.py imported as a module (the scripts are not a package)."""
+    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def speechlike(seconds: float, sr: int = 16000, seed: int = 0) -> np.ndarray:
