@@ -13,6 +13,7 @@ after. All .pt files are plain tensors loaded with weights_only=True.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -82,9 +83,11 @@ def _batch(data: list[tuple[np.ndarray, torch.Tensor, int]], weights: torch.Tens
     return units, mels, lens, speakers
 
 
+@functools.lru_cache(maxsize=8)
 def mel_cepstrum_basis(n_mels: int, cepstra: int) -> torch.Tensor:
     """[n_mels, cepstra]: log-mel frames @ this = their first `cepstra` mel-cepstral coefficients (an
-    orthonormal DCT-II over the mel axis, as in MFCCs): the spectral envelope, without the fine structure."""
+    orthonormal DCT-II over the mel axis, as in MFCCs): the spectral envelope, without the fine structure.
+    Cached (every training step uses it): callers must not modify it in place."""
     k = torch.arange(cepstra, dtype=torch.float64)[:, None]
     j = torch.arange(n_mels, dtype=torch.float64)[None, :]
     dct = torch.cos(math.pi / n_mels * (j + 0.5) * k) * math.sqrt(2.0 / n_mels)  # [cepstra, n_mels]
