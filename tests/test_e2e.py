@@ -47,6 +47,9 @@ def test_five_verbs_end_to_end(tmp_path):
     assert ppl["fused/zipper-freeze-text"]["unchanged"] is True  # the frozen text tower, exactly
     assert ppl["fused/zipper-freeze-text"]["perplexity"] == ppl["text_tower"]
     assert "ASR" in res.stdout and (tmp_path / "run" / "eval" / "all" / "report.md").exists()
+    tok = json.loads((tmp_path / "run" / "tokenizers" / "speech" / "tokenizer.json").read_text())
+    tts_cfg = json.loads((tmp_path / "run" / "decode" / "tts" / "config.json").read_text())
+    assert tts_cfg["gen"]["unit_rate"] == tok["frame_rate"]  # speech length limits follow the units' rate
     hyp = [json.loads(x) for x in (tmp_path / "run" / "decode" / "tts" / "hyp.jsonl").read_text().splitlines()]
     assert len(hyp) == 4 and all((tmp_path / "run" / "decode" / "tts" / h["wav"]).exists() for h in hyp)
 

@@ -318,6 +318,33 @@ def test_length_limits_from_ratios(zipper):
     assert res[0].max_len == [4, 8]  # speech after speech input: same modality, ratio 1
 
 
+def test_length_limits_scale_with_the_unit_rate(zipper):
+    """Speech lengths in the flags are 25 Hz units: at 50 Hz the same flags allow the same durations."""
+    cfg = GenerationConfig(max_len_ratio={"text": 0.5, "speech": 3.0}, max_len_min={"text": 4, "speech": 5},
+                           unit_rate=50.0)
+    gen = ZipperGenerator(zipper)
+    res = gen.generate(rand_inputs("speech", [2, 30]), "speech", ["text"], cfg)
+    assert [r.max_len for r in res] == [[4], [8]]  # 30 units at 50 Hz = 15 at 25 Hz: 0.5 * 15 pieces
+    res = gen.generate(rand_inputs("text", [1, 4]), "text", ["speech"], cfg)
+    assert [r.max_len for r in res] == [[10], [24]]  # floor 5 -> 10 units, 3 * 4 pieces -> 24 units
+    res = gen.generate(rand_inputs("speech", [8]), "speech", ["text", "speech"], cfg)
+    assert res[0].max_len == [4, 10]  # same modality: the input length, above the scaled floor
+    assert cfg.max_len("speech", "text", 4) == 2 * dataclasses.replace(cfg, unit_rate=25.0).max_len("speech", "text", 4)
+
+
+def test_decode_reads_the_unit_rate_of_the_runs_tokenizer(tmp_path):
+    from zipper_cli.stages.decode import speech_unit_rate
+
+    assert speech_unit_rate(tmp_path) == 25.0  # a text-only run: no speech tokenizer
+    path = tmp_path / "tokenizers" / "speech" / "tokenizer.json"
+    path.parent.mkdir(parents=True)
+    path.write_text('{"kind": "ctc-kmeans", "frame_rate": 50.0}')
+    assert speech_unit_rate(tmp_path) == 50.0
+    path.write_text('{"kind": "ctc-kmeans"}')
+    with pytest.raises(ZipperError, match=f"{path}: cannot read the speech tokenizer's unit rate"):
+        speech_unit_rate(tmp_path)
+
+
 def test_empty_input(zipper):
     gen = ZipperGenerator(zipper)
     for in_m, out_m in (("speech", "text"), ("text", "speech")):
@@ -398,6 +425,7 @@ def test_sampling_respects_top_k_and_modality(single):
 @pytest.mark.parametrize("kwargs,flag", [
     (dict(strategy="nucleus"), "--strategy"), (dict(beam=0), "--beam"), (dict(temperature=0), "--temperature"),
     (dict(top_k=-1), "--top-k"), (dict(top_p=0), "--top-p"), (dict(max_len_ratio={"text": 0}), "--max-len-ratio"),
+    (dict(unit_rate=0.0), "unit rate"),
     (dict(max_len_min={"audio": 3}), "--max-len-min"), (dict(max_new_tokens=0), "--max-new-tokens"),
     (dict(batch_size=0), "--batch-size"), (dict(length_penalty=float("nan")), "--length-penalty"),
     (dict(guidance=-1.0), "--guidance"),

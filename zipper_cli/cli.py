@@ -216,8 +216,10 @@ def decode(
     top_p: float = typer.Option(1.0, "--top-p"),
     seed: int = typer.Option(0, "--seed", help="Sampling seed."),
     max_len_ratio: str = typer.Option("text=0.5,speech=10", "--max-len-ratio",
-                                      help="Max output tokens per input token, per output modality."),
-    max_len_min: str = typer.Option("text=10,speech=50", "--max-len-min", help="Floor of the maximum lengths."),
+                                      help="Max output tokens per input token, per output modality; speech "
+                                      "counted in 25 Hz units (40 ms), scaled to the run's unit rate."),
+    max_len_min: str = typer.Option("text=10,speech=50", "--max-len-min",
+                                    help="Floor of the maximum lengths (speech in 25 Hz units, like the ratio)."),
     max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", help="Fixed maximum per output."),
     batch_size: int = typer.Option(16, "--batch-size"),
     cache: bool = typer.Option(True, "--cache/--no-cache", help="KV caches (off: recompute every step)."),

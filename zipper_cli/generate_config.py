@@ -51,10 +51,16 @@ class GenerationConfig:
     sample does not depend on which examples share its batch."""
     max_len_ratio: dict = field(default_factory=lambda: {"text": 0.5, "speech": 10.0})
     """--max-len-ratio: per output modality, maximum tokens per input token when the input is the other
-    modality. Demo corpus: ~56 units (25 Hz) per ~12 text pieces, i.e. ~0.21 pieces per unit and
-    ~4.7 units per piece; the defaults leave about 2x headroom."""
+    modality, speech counted in 25 Hz units (40 ms each) whatever the tokenizer's rate (see unit_rate), so
+    a limit means the same duration at any rate. Demo corpus: ~56 units (25 Hz) per ~12 text pieces, i.e.
+    ~0.21 pieces per unit and ~4.7 units per piece; the defaults leave about 2x headroom."""
     max_len_min: dict = field(default_factory=lambda: {"text": 10, "speech": 50})
-    """--max-len-min: per output modality, a floor on its maximum length (short inputs)."""
+    """--max-len-min: per output modality, a floor on its maximum length (short inputs); speech in 25 Hz
+    units, like --max-len-ratio."""
+    unit_rate: float = 25.0
+    """Speech units per second of the model's speech tokenizer (zipper decode sets it from the run; not a
+    flag). The speech lengths of --max-len-ratio and --max-len-min are scaled by unit_rate / 25: at 50 Hz
+    the default allows 20 units per text piece, not 10, which would cut most demo sentences short."""
     max_new_tokens: Optional[int] = None
     """--max-new-tokens: if given, the maximum length of every output, instead of the ratios."""
     min_new_tokens: int = 0
@@ -110,6 +116,8 @@ class GenerationConfig:
             raise ZipperError("--best-of picks among sampled outputs: it needs --strategy sample")
         if not (math.isfinite(self.guidance) and self.guidance >= 0):
             raise ZipperError(f"--guidance ({self.guidance!r}) must be >= 0")
+        if not (isinstance(self.unit_rate, (int, float)) and math.isfinite(self.unit_rate) and self.unit_rate > 0):
+            raise ZipperError(f"speech unit rate ({self.unit_rate!r}) must be > 0")
         if not _pos_int(self.batch_size):
             raise ZipperError(f"--batch-size ({self.batch_size!r}) must be a positive integer")
         return self
@@ -117,8 +125,15 @@ class GenerationConfig:
     def max_len(self, modality: str, input_modality: str, input_len: int) -> int:
         if self.max_new_tokens is not None:
             return self.max_new_tokens
-        ratio = self.max_len_ratio.get(modality, 1.0) if modality != input_modality else 1.0
-        return max(self.max_len_min.get(modality, 1), math.ceil(ratio * input_len))
+        per_25hz = self.unit_rate / 25.0  # units at the tokenizer's rate per 25 Hz unit
+        floor = self.max_len_min.get(modality, 1)
+        if modality == "speech":
+            floor = math.ceil(floor * per_25hz)
+        if modality == input_modality:
+            return max(floor, input_len)
+        ratio = self.max_len_ratio.get(modality, 1.0)
+        ratio = ratio * per_25hz if modality == "speech" else ratio / per_25hz
+        return max(floor, math.ceil(ratio * input_len))
 
 
 def _pos_int(v) -> bool:

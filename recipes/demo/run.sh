@@ -4,7 +4,8 @@
 # finished stages and resumes interrupted ones.
 #
 #   recipes/demo/run.sh [--stage N] [--stop-stage M] [--run-dir DIR] [--workers W] [--fuse-steps S]
-#                       [--speech-tokenizer ctc-kmeans|mel-kmeans] [--precision auto|fp32|bf16]
+#                       [--speech-tokenizer ctc-kmeans|mel-kmeans] [--frame-rate 25|50]
+#                       [--precision auto|fp32|bf16]
 #
 # Stages: 1 tokenize, 2 pretrain text, 3 pretrain speech, 4 fuse (Zipper, text tower frozen, speech
 # tower trained), 5 decode the test split (ASR and TTS), 6 eval (WER tables, perplexity).
@@ -17,6 +18,7 @@ run_dir=runs/demo
 workers=2
 fuse_steps=1000
 speech_tokenizer=ctc-kmeans
+frame_rate=25
 precision=auto
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -26,9 +28,10 @@ while [ $# -gt 0 ]; do
     --workers) workers=$2; shift 2 ;;
     --fuse-steps) fuse_steps=$2; shift 2 ;;
     --speech-tokenizer) speech_tokenizer=$2; shift 2 ;;
+    --frame-rate) frame_rate=$2; shift 2 ;;
     --precision) precision=$2; shift 2 ;;
     *) echo "recipes/demo/run.sh: unknown option $1 (options: --stage N --stop-stage M --run-dir DIR --workers W" \
-            "--fuse-steps S --speech-tokenizer KIND --precision auto|fp32|bf16)" >&2; exit 2 ;;
+            "--fuse-steps S --speech-tokenizer KIND --frame-rate HZ --precision auto|fp32|bf16)" >&2; exit 2 ;;
   esac
 done
 
@@ -57,8 +60,11 @@ if [ "$stage" -le 1 ] && [ "$stop_stage" -ge 1 ]; then
   # "Why the demo fuses differently"). Measured on this recipe: ASR 21.1% -> 9.8%, TTS vs target
   # 74.4% -> 59.7%. They learn from the aligned transcripts, so recipes/paper (which compares aligned
   # fractions) keeps mel-kmeans.
+  # --frame-rate 50 (session 15, recipes/demo/README.md): the vocoder reads gold units at 18.8% WER instead of
+  # 26.5% (CTC judge), but the model's TTS gains little (vs target 52.5% -> 48.9%, vs gold 45.7% -> 44.0%)
+  # and the demo takes about 10 minutes longer, so 25 Hz stays the default.
   $zipper tokenize --run-dir "$run_dir" --corpus demo --text-vocab 256 --workers "$workers" \
-    --speech-tokenizer "$speech_tokenizer"
+    --speech-tokenizer "$speech_tokenizer" --frame-rate "$frame_rate"
 fi
 
 if [ "$stage" -le 2 ] && [ "$stop_stage" -ge 2 ]; then

@@ -8,6 +8,7 @@ text, wav, ended, reference), wav/ID.wav for speech outputs, config.json.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import time
@@ -92,6 +93,17 @@ def _resolve_model(run_dir: Path, model: str) -> str:
     return f"fused/{fused[0]}"
 
 
+def speech_unit_rate(run_dir: Path) -> float:
+    """Units per second of the run's speech tokenizer (25.0 where the run has none: text only)."""
+    path = Path(run_dir) / "tokenizers" / "speech" / "tokenizer.json"
+    if not path.exists():
+        return 25.0
+    try:
+        return float(json.loads(path.read_text())["frame_rate"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ZipperError(f"{path}: cannot read the speech tokenizer's unit rate ({e})") from None
+
+
 def load_generator(run_dir: Path, model: str, device: str = "cpu"):
     """(generator, kind) for fused/TAG or towers/NAME, its weights on `device`."""
     from .fuse import load_fused
@@ -160,6 +172,7 @@ def decode(run_dir: Path, cfg: DecodeConfig, force: bool = False) -> dict | None
     tok = require_stage(run_dir, "tokenize", "zipper decode")
     model = _resolve_model(run_dir, cfg.model)
     outputs = cfg.output_list()
+    cfg = dataclasses.replace(cfg, gen=dataclasses.replace(cfg.gen, unit_rate=speech_unit_rate(run_dir)))
     tag = cfg.tag or default_tag(cfg, model)
     out = run_dir / "decode" / tag
     stage_cfg = config_dict(cfg) | {"model": model}
