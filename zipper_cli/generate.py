@@ -23,10 +23,11 @@ Generation in generate_config.py (importable from here).
 
 Length limits: each output gets max(--max-len-min[m], ceil(--max-len-ratio[m] * input length)) tokens
 when its modality differs from the input's, max(--max-len-min[m], input length) when it is the same, or
---max-new-tokens when given; speech lengths in the two flags are counted in 25 Hz units and scaled to the
-tokenizer's unit rate (GenerationConfig.unit_rate), so they mean the same duration at any rate. Too long for the model: when the prompt (with its begin/end/tag tokens) plus
-the outputs' limits do not fit a tower's max_seq_len, the outputs' limits are cut to fit, last output
-first, with a warning; an input that leaves no room for even one output token is a ZipperError.
+--max-new-tokens when given. Speech lengths in the two flags count 25 Hz units, scaled to the tokenizer's
+unit rate (GenerationConfig.unit_rate), so they mean the same duration at any rate. Too long for the
+model: when the prompt (with its begin/end/tag tokens) plus the outputs' limits do not fit a tower's
+max_seq_len, the outputs' limits are cut to fit, last output first, with a warning; an input that leaves
+no room for even one output token is a ZipperError.
 Positions counted: every token fed to a tower (prompt, each output's tokens, end and begin tokens), but
 not the very last token generated, which is never fed back (a tower of max_seq_len 24 continues
 bos + 8 pieces by 16 tokens).
