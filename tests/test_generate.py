@@ -332,6 +332,13 @@ def test_length_limits_scale_with_the_unit_rate(zipper):
     assert cfg.max_len("speech", "text", 4) == 2 * dataclasses.replace(cfg, unit_rate=25.0).max_len("speech", "text", 4)
 
 
+def test_default_speech_limit_leaves_short_sentences_three_seconds():
+    """A 5-piece sentence may take 3 s of speech at any unit rate; a long one 0.4 s per piece."""
+    assert GenerationConfig().max_len("speech", "text", 5) == 75
+    assert GenerationConfig(unit_rate=50.0).max_len("speech", "text", 5) == 150
+    assert GenerationConfig().max_len("speech", "text", 20) == 200
+
+
 def test_decode_reads_the_unit_rate_of_the_runs_tokenizer(tmp_path):
     from zipper_cli.stages.decode import speech_unit_rate
 

@@ -67,3 +67,14 @@ def test_mix_conditions_cut_to_the_shorter_and_swap_envelopes(mv):
     # with the prediction equal to the truth every condition but the averages is the truth
     same = mv.mix_conditions(true, true, cepstra=20)
     torch.testing.assert_close(same["pred_envelope+true_fine"][0], true[0], atol=1e-5, rtol=0)
+
+
+def test_ratio_spread_counts_word_errors_and_skips_empty_references(mv):
+    refs = ["one two three four", "...", "five six seven eight"] * 10  # "..." normalises to nothing
+    original = ["one two three four", "x", "five six seven nine"] * 10  # 1 error per 8 words
+    vocoder = ["one two three", "y", "five six eight eight"] * 10  # 2 errors per 8 words
+    spread = mv.ratio_spread(refs, original, vocoder, target=1.3)
+    assert spread["ratio"] == 2.0 and spread["share_at_or_under_target"] < 0.05
+    assert spread["ci95"][0] < 2.0 < spread["ci95"][1]  # the errors sit in different utterances
+    assert mv.ratio_spread(refs, refs, vocoder, target=1.3) is None  # no errors on the original: no ratio
+    assert mv.ratio_spread(["..."], ["a"], ["b"], target=1.3) is None

@@ -5,10 +5,11 @@ from __future__ import annotations
 import math
 
 import jiwer
+import numpy as np
 import pytest
 
 from zipper_cli.errors import ZipperError
-from zipper_cli.metrics import length_buckets, paired_bootstrap, score, utterance_errors, wer_by_length, wilcoxon
+from zipper_cli.metrics import bootstrap_ratio, length_buckets, paired_bootstrap, score, utterance_errors, wer_by_length, wilcoxon
 
 REFS = ["Set an alarm for 7:30.", "call mom", "the password starts with P Z A", "turn the volume up", "turn it up"]
 HYPS = ["set an alarm for seven thirty", "call mum", "the password starts with p z", "", "turn it up now"]
@@ -102,6 +103,25 @@ def test_paired_bootstrap_two_sided_and_chunking():
     assert a == b  # seeded
     c = paired_bootstrap(A40, B40, [5] * 40, n=1000, seed=3, chunk=7)
     assert abs(c["p_two_sided"] - a["p_two_sided"]) < 0.1 and c["resamples"] == 1000
+
+
+def test_bootstrap_ratio_known_answers():
+    # B makes exactly twice A's errors on every utterance: every resample's ratio is 2
+    double = bootstrap_ratio([1, 2, 0, 3] * 10, [2, 4, 0, 6] * 10, target=1.3, n=2000)
+    assert double["ratio"] == 2.0 and double["ci95"] == [2.0, 2.0] and double["share_at_or_under_target"] == 0.0
+    assert bootstrap_ratio([1, 2] * 20, [1, 2] * 20, target=1.3, n=500)["share_at_or_under_target"] == 1.0
+    # errors moved between utterances: the point ratio is 1.25 but a resample can land on either side of 1.3
+    mixed = bootstrap_ratio([2, 2, 0, 0] * 25, [0, 3, 2, 0] * 25, target=1.3, n=4000)
+    assert mixed["ratio"] == 1.25 and mixed["ci95"][0] < 1.25 < mixed["ci95"][1]
+    assert 0.5 < mixed["share_at_or_under_target"] < 0.9
+    assert bootstrap_ratio(A40, B40, 1.3, n=1000, seed=3) == bootstrap_ratio(A40, B40, 1.3, n=1000, seed=3, chunk=7)
+    # a resample with no errors under A has no ratio: left out, not a division by zero
+    rare = bootstrap_ratio([1] + [0] * 9, [2] * 10, target=1.3, n=1000)
+    assert rare["resamples"] < 1000 and np.isfinite(rare["ci95"]).all()
+    with pytest.raises(ZipperError, match="no errors"):
+        bootstrap_ratio([0, 0], [1, 0], target=1.3)
+    with pytest.raises(ZipperError, match="same non-empty set"):
+        bootstrap_ratio([1, 2], [1], target=1.3)
 
 
 def test_normaliser_cases_in_scoring():

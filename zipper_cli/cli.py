@@ -218,7 +218,7 @@ def decode(
     max_len_ratio: str = typer.Option("text=0.5,speech=10", "--max-len-ratio",
                                       help="Max output tokens per input token, per output modality; speech "
                                       "counted in 25 Hz units (40 ms), scaled to the run's unit rate."),
-    max_len_min: str = typer.Option("text=10,speech=50", "--max-len-min",
+    max_len_min: str = typer.Option("text=10,speech=75", "--max-len-min",
                                     help="Floor of the maximum lengths (speech in 25 Hz units, like the ratio)."),
     max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", help="Fixed maximum per output."),
     batch_size: int = typer.Option(16, "--batch-size"),

@@ -1,5 +1,6 @@
 """ASR scoring: corpus-level WER/CER with jiwer after the one normaliser, error counts, per-utterance
-alignments, and a paired significance test between two systems on the same utterances."""
+alignments, paired significance tests between two systems on the same utterances, and a bootstrap
+interval for the ratio of two WERs."""
 
 from __future__ import annotations
 
@@ -99,6 +100,29 @@ def paired_bootstrap(errors_a: list[int], errors_b: list[int], ref_words: list[i
             float(np.percentile(delta, 97.5))], "p_b_not_better": not_better,
             "p_two_sided": min(1.0, 2 * min(not_better, not_worse)), "resamples": n, "seed": seed,
             "test": "paired bootstrap"}
+
+
+def bootstrap_ratio(errors_a: list[int], errors_b: list[int], target: float, n: int = 10_000, seed: int = 0,
+                    chunk: int = 500) -> dict:
+    """The ratio WER_B / WER_A of two transcriptions of the same utterances (for example resynthesised
+    against original audio), with a 95% interval from resampling the utterances (paired), and the share of
+    resamples at or under `target`. The reference lengths cancel in the ratio, so the error counts suffice.
+    Resamples where A makes no error at all are left out of the interval (the ratio is undefined there)."""
+    a, b = (np.asarray(x, dtype=np.float64) for x in (errors_a, errors_b))
+    if len(a) != len(b) or len(a) == 0:
+        raise ZipperError("a WER ratio needs the same non-empty set of utterances for both transcriptions")
+    if a.sum() == 0:
+        raise ZipperError("a WER ratio is undefined: the first transcription has no errors")
+    rng = np.random.default_rng(seed)
+    ratios = []
+    for start in range(0, n, chunk):
+        idx = rng.integers(0, len(a), size=(min(chunk, n - start), len(a)))
+        den = a[idx].sum(1)
+        ratios.append(b[idx].sum(1)[den > 0] / den[den > 0])
+    r = np.concatenate(ratios)
+    return {"ratio": float(b.sum() / a.sum()), "ci95": [float(np.percentile(r, 2.5)), float(np.percentile(r, 97.5))],
+            "share_at_or_under_target": float((r <= target).mean()), "target": target, "resamples": len(r),
+            "seed": seed}
 
 
 EXACT_WILCOXON_MAX_N = 50
