@@ -81,7 +81,9 @@ class VocoderConfig:
     n_mels: int = 80
     """Mel bins of the predicted frames (the tokenizer's n_mels)."""
     channels: int = 256
-    """Width of the convolution stack."""
+    """Width of the convolution stack. 384 (3.9M parameters, twice the training time) read 400 demo utterances
+    of 50 Hz units at WER -0.5 / +0.3 points with the CTC judge / pocketsphinx at 3000 steps (session 16; paired
+    bootstrap p 0.20 / 0.70), train L1 0.659 against 0.712: not worth the time, so the default stays."""
     layers: int = 6
     """Residual dilated-conv blocks at the unit rate (the context)."""
     kernel_size: int = 3
