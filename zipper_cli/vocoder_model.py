@@ -109,7 +109,8 @@ class VocoderConfig:
     envelope_cepstra: int = 20
     """Mel-cepstral coefficients the envelope loss compares (0 < envelope_cepstra <= n_mels)."""
     steps: int = 3000
-    """Optimizer steps in total (3000 x 16 x 2 s: 8-25 min on one busy CPU core, 1.9M parameters).
+    """Optimizer steps in total (3000 x 16 x 2 s: 8-25 min on one busy CPU core, 1.9M parameters). 6000 did not
+    help at 50 Hz (session 16, 400 demo utterances: WER +0.8 / +0.1 points, n.s., train L1 0.712 -> 0.649).
     Raised from 2000 together with max_utterances 3000 -> 6000: pocketsphinx WER on audio resynthesised
     from gold units 0.319 -> 0.296 (original audio 0.169; 200 demo test utterances, 25 Hz, K=512)."""
     lr: float = 2e-3
