@@ -78,6 +78,13 @@ def _alignment(o) -> str:
     return " ".join(parts)
 
 
+def _resamples(size: int, n: int, seed: int, chunk: int):
+    """n bootstrap draws of `size` utterance indices with replacement, `chunk` draws at a time: [chunk, size]."""
+    rng = np.random.default_rng(seed)
+    for start in range(0, n, chunk):
+        yield rng.integers(0, size, size=(min(chunk, n - start), size))
+
+
 def paired_bootstrap(errors_a: list[int], errors_b: list[int], ref_words: list[int], n: int = 10_000,
                      seed: int = 0, chunk: int = 500) -> dict:
     """Paired bootstrap over utterances (Koehn 2004; Bisani & Ney 2004): resample utterances with
@@ -89,12 +96,8 @@ def paired_bootstrap(errors_a: list[int], errors_b: list[int], ref_words: list[i
     a, b, w = (np.asarray(x, dtype=np.float64) for x in (errors_a, errors_b, ref_words))
     if not (len(a) == len(b) == len(w)) or len(a) == 0:
         raise ZipperError("paired test needs the same non-empty set of utterances for both systems")
-    rng = np.random.default_rng(seed)
-    deltas = []
-    for start in range(0, n, chunk):
-        idx = rng.integers(0, len(a), size=(min(chunk, n - start), len(a)))
-        deltas.append((b[idx].sum(1) - a[idx].sum(1)) / w[idx].sum(1))
-    delta = np.concatenate(deltas)
+    delta = np.concatenate([(b[idx].sum(1) - a[idx].sum(1)) / w[idx].sum(1)
+                            for idx in _resamples(len(a), n, seed, chunk)])
     not_better, not_worse = float((delta >= 0).mean()), float((delta <= 0).mean())
     return {"delta_wer": float((b.sum() - a.sum()) / w.sum()), "ci95": [float(np.percentile(delta, 2.5)),
             float(np.percentile(delta, 97.5))], "p_b_not_better": not_better,
@@ -113,10 +116,8 @@ def bootstrap_ratio(errors_a: list[int], errors_b: list[int], target: float, n: 
         raise ZipperError("a WER ratio needs the same non-empty set of utterances for both transcriptions")
     if a.sum() == 0:
         raise ZipperError("a WER ratio is undefined: the first transcription has no errors")
-    rng = np.random.default_rng(seed)
     ratios = []
-    for start in range(0, n, chunk):
-        idx = rng.integers(0, len(a), size=(min(chunk, n - start), len(a)))
+    for idx in _resamples(len(a), n, seed, chunk):
         den = a[idx].sum(1)
         ratios.append(b[idx].sum(1)[den > 0] / den[den > 0])
     r = np.concatenate(ratios)
