@@ -547,6 +547,23 @@ def test_best_of_keeps_the_sample_the_ctc_head_reads_as_the_text():
         gen.generate(inputs, "text", ["speech"], sample))
 
 
+def test_best_of_batches_count_inputs_and_give_the_outputs_of_one_input_at_a_time(monkeypatch):
+    """--batch-size counts inputs with --best-of, as with --beam: a batch runs batch_size * N rows."""
+    import zipper_cli.generate as generate_module
+
+    gen = ZipperGenerator(make_zipper(zcfg=ZipperConfig(n_cross=2, ctc_head=True)))
+    inputs = rand_inputs("text", [4, 7, 5])
+    cfg = dataclasses.replace(CFG, strategy="sample", seed=3, best_of=4)
+    rows, loop = [], generate_module.sample_loop
+    monkeypatch.setattr(generate_module, "sample_loop", lambda g, p, e, batch, *a: rows.append(len(batch)) or loop(g, p, e, batch, *a))
+    two = gen.generate(inputs, "text", ["speech"], dataclasses.replace(cfg, batch_size=2))
+    assert rows == [8, 4]
+    rows.clear()
+    one = gen.generate(inputs, "text", ["speech"], dataclasses.replace(cfg, batch_size=1))
+    assert rows == [4, 4, 4]
+    assert toks(two) == toks(one)
+
+
 def test_best_of_errors(zipper):
     with pytest.raises(ZipperError, match=r"^--best-of picks among sampled outputs: it needs --strategy sample$"):
         GenerationConfig(best_of=2).validate()

@@ -221,7 +221,7 @@ def decode(
     max_len_min: str = typer.Option("text=10,speech=75", "--max-len-min",
                                     help="Floor of the maximum lengths (speech in 25 Hz units, like the ratio)."),
     max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", help="Fixed maximum per output."),
-    batch_size: int = typer.Option(16, "--batch-size"),
+    batch_size: int = typer.Option(16, "--batch-size", help="Inputs decoded together (rows: x --beam, x --best-of)."),
     cache: bool = typer.Option(True, "--cache/--no-cache", help="KV caches (off: recompute every step)."),
     ctc_weight: float = typer.Option(0.0, "--ctc-weight", help="ASR: joint CTC/attention decoding with the "
                                      "Zipper's CTC head (0 = attention only)."),

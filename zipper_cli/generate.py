@@ -176,13 +176,16 @@ class Generator(abc.ABC):
     def _best_of(self, inputs, input_modality: str, outputs: list[str], cfg: GenerationConfig,
                  return_logits: bool) -> list[Generation]:
         """--best-of N: every input sampled N times (copy j of input i is example i * N + j, so each copy has
-        its own sampling stream), each input's copy with the highest ctc_text_scores kept."""
+        its own sampling stream), each input's copy with the highest ctc_text_scores kept. As with beam
+        search, batch_size counts inputs: a batch runs batch_size * N rows (on the demo's CPU, 256 rows
+        sample 1.6x faster than 16)."""
         if input_modality != "text" or outputs != ["speech"]:
             raise ZipperError(f"--best-of reads sampled speech back as the input text: it needs text in and "
                               f"--outputs speech, not {input_modality} -> {','.join(outputs)}")
         N = cfg.best_of
         copies = [x for x in inputs for _ in range(N)]
-        cands = self.generate(copies, input_modality, outputs, dataclasses.replace(cfg, best_of=1), return_logits)
+        cands = self.generate(copies, input_modality, outputs,
+                              dataclasses.replace(cfg, best_of=1, batch_size=cfg.batch_size * N), return_logits)
         scores = self.ctc_text_scores([c.tokens[0] for c in cands], copies)
         best = [max(range(i * N, i * N + N), key=lambda k: scores[k]) for i in range(len(inputs))]
         return [cands[k] for k in best]

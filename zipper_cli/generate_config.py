@@ -68,7 +68,8 @@ class GenerationConfig:
     min_new_tokens: int = 0
     """--min-new-tokens: an output's end token is forbidden until it has this many tokens (benchmarks)."""
     batch_size: int = 16
-    """--batch-size: examples decoded together (beam search runs batch_size * beam rows)."""
+    """--batch-size: examples decoded together (beam search runs batch_size * beam rows, --best-of
+    batch_size * best_of)."""
     use_cache: bool = True
     """--no-cache turns this off: recompute the whole forward pass at every step (reference path)."""
     ctc_weight: float = 0.0
