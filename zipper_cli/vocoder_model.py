@@ -29,7 +29,9 @@ the envelope, none in harmonics or phase. The true log-mel averaged over each 40
 0.169 (1.57x / 1.78x), and interpolated between unit centres 0.297 / 0.200: what a 25 Hz unit rate
 loses is the spectrum's movement within a unit, and no vocoder that reproduces only unit-rate
 information gets under about 1.6x. Averaged over 20 ms (50 Hz) the true log-mel reads 0.180 / 0.103
-(1.06x / 1.08x): the 1.3x target needs units at 50 Hz or faster.
+(1.06x / 1.08x): the 1.3x target needs units at 50 Hz or faster. At 50 Hz (sessions 16-17, 400 demo
+utterances, README "Measured so far") the CTC judge reads the vocoder at 1.30-1.47x whatever changed: width,
+steps, context, K=2048 units, dropout 0.1 on the residual branches; pocketsphinx at 1.22-1.31x.
 
 Network (UnitVocoder), at the unit rate until the last step:
   unit embedding [K, C] (+ the speaker's embedding [S, C], when conditioned) -> `layers` pre-norm
