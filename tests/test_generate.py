@@ -555,7 +555,12 @@ def test_best_of_batches_count_inputs_and_give_the_outputs_of_one_input_at_a_tim
     inputs = rand_inputs("text", [4, 7, 5])
     cfg = dataclasses.replace(CFG, strategy="sample", seed=3, best_of=4)
     rows, loop = [], generate_module.sample_loop
-    monkeypatch.setattr(generate_module, "sample_loop", lambda g, p, e, batch, *a: rows.append(len(batch)) or loop(g, p, e, batch, *a))
+
+    def counting_loop(gen_, plan, engine, batch, *args):
+        rows.append(len(batch))
+        return loop(gen_, plan, engine, batch, *args)
+
+    monkeypatch.setattr(generate_module, "sample_loop", counting_loop)
     two = gen.generate(inputs, "text", ["speech"], dataclasses.replace(cfg, batch_size=2))
     assert rows == [8, 4]
     rows.clear()
