@@ -155,7 +155,8 @@ def _train_throughput(precision: str, batch: int, seq: int, vocab: int, steps: i
 
     import torch.nn.functional as F
     from zipper_cli.models.tower import Tower, tower_preset
-    from zipper_cli.trainer import TrainConfig, autocast_for
+    from zipper_cli.devices import autocast_for
+    from zipper_cli.trainer import TrainConfig
 
     torch.manual_seed(0)
     model = Tower(tower_preset(size, vocab, max_seq_len=seq)).to(device)
@@ -195,7 +196,7 @@ def _train_throughput(precision: str, batch: int, seq: int, vocab: int, steps: i
 
 
 def bench_pretrain(args) -> dict:
-    from zipper_cli.trainer import cpu_multiplies_bf16
+    from zipper_cli.devices import cpu_multiplies_bf16
 
     torch.set_num_threads(args.threads)
     # A CPU that emulates bf16 multiplies it 10-100x slower (AVX2-only AMD EPYC: 1.4 GFLOP/s against 117 in

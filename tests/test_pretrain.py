@@ -22,7 +22,8 @@ from zipper_cli.stages.pretrain import PretrainConfig, load_tower, pretrain
 from zipper_cli.stages.tokenize import TokenizeConfig, tokenize
 from zipper_cli.speech_tokenizer import SpeechTokenizerConfig
 from zipper_cli.text_tokenizer import TextTokenizerConfig
-from zipper_cli.trainer import TrainConfig, autocast_for, cpu_multiplies_bf16, slow_bf16_warning, train
+from zipper_cli.devices import autocast_for, cpu_multiplies_bf16, slow_bf16_warning
+from zipper_cli.trainer import TrainConfig, train
 
 
 @pytest.fixture(scope="module")

@@ -28,7 +28,7 @@ from ..rundir import config_defaults, config_dict, init_run_dir, open_stage, req
 from ..shards import load_role
 from ..speech_tokenizer import SpeechTokenizer
 from ..text_tokenizer import TextTokenizer
-from ..trainer import pick_device
+from ..devices import pick_device
 
 MODALITIES = ("text", "speech")
 

@@ -30,7 +30,8 @@ from ..models.zipper import Zipper, ZipperConfig
 from ..plots import plot_metrics
 from ..rundir import config_defaults, config_dict, require_stage
 from ..shards import load_role
-from ..trainer import TrainConfig, evaluate, init_distributed, resolve_device, train, training_stage
+from ..devices import init_distributed
+from ..trainer import TrainConfig, evaluate, resolve_device, train, training_stage
 from .pretrain import load_tower, tower_dir
 
 ARCHS = ("zipper", "single-decoder")

@@ -24,7 +24,8 @@ from ..models.tower import PRESETS, Tower, TowerConfig, tower_preset
 from ..plots import plot_metrics
 from ..rundir import config_defaults, config_dict, require_stage
 from ..shards import load_role
-from ..trainer import Dist, TrainConfig, init_distributed, resolve_device, train, training_stage
+from ..devices import Dist, init_distributed
+from ..trainer import TrainConfig, resolve_device, train, training_stage
 from ..vocab import specials, speech_vocab_size, split_long, text_vocab_size, to_sequence
 
 
