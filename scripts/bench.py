@@ -83,7 +83,8 @@ def _encode_file(args):
 
 def bench_tokenize(args) -> dict:
     from zipper_cli.audio import read_audio
-    from zipper_cli.speech_tokenizer import SpeechTokenizerConfig, features, fit_speech_tokenizer
+    from zipper_cli.speech_features import features
+    from zipper_cli.speech_tokenizer import SpeechTokenizerConfig, fit_speech_tokenizer
 
     torch.set_num_threads(1)
     files = festival_audio(Path(tempfile.gettempdir()) / "zipper-bench-audio", args.seconds)

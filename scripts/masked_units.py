@@ -133,7 +133,7 @@ def main() -> None:
     from zipper_cli.atomic import read_jsonl
     from zipper_cli.audio import read_audio
     from zipper_cli.kmeans import assign, kmeans
-    from zipper_cli.speech_tokenizer import log_mel, normalise_and_stack
+    from zipper_cli.speech_features import log_mel, normalise_and_stack
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--run-dir", required=True)

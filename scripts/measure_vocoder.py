@@ -52,7 +52,8 @@ from zipper_cli.atomic import sha256_json  # noqa: E402
 from zipper_cli.audio import read_audio  # noqa: E402
 from zipper_cli.judges import PocketsphinxJudge, wer  # noqa: E402
 from zipper_cli.metrics import bootstrap_ratio, utterance_errors  # noqa: E402
-from zipper_cli.speech_tokenizer import SpeechTokenizer, SpeechTokenizerConfig, fit_speech_tokenizer, log_mel  # noqa: E402
+from zipper_cli.speech_features import log_mel  # noqa: E402
+from zipper_cli.speech_tokenizer import SpeechTokenizer, SpeechTokenizerConfig, fit_speech_tokenizer  # noqa: E402
 from zipper_cli.text_norm import normalize_text  # noqa: E402
 from zipper_cli.vocoder import VocoderConfig, griffin_lim, rank_speakers, train_vocoder  # noqa: E402
 from zipper_cli.vocoder_train import mel_cepstrum_basis  # noqa: E402

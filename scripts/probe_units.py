@@ -42,7 +42,7 @@ from zipper_cli.audio import read_audio  # noqa: E402
 from zipper_cli.ctc_judge import ensure_ctc_judge  # noqa: E402
 from zipper_cli.ctc_judge_model import text_to_ids  # noqa: E402
 from zipper_cli.kmeans import assign, kmeans  # noqa: E402
-from zipper_cli.speech_tokenizer import log_mel, normalise_and_stack  # noqa: E402
+from zipper_cli.speech_features import log_mel, normalise_and_stack  # noqa: E402
 from masked_units import layer_features, train_masked  # noqa: E402
 
 STACK = 4  # 100 Hz frames per 25 Hz unit

@@ -10,12 +10,12 @@ import torchaudio
 
 from zipper_cli.errors import ZipperError
 from zipper_cli.kmeans import Reservoir, _lloyd, assign, kmeans
+from zipper_cli.speech_features import features
 from zipper_cli.speech_tokenizer import (
     SpeechTokenizer,
     SpeechTokenizerConfig,
     check_units_match,
     dedup_units,
-    features,
     fit_speech_tokenizer,
 )
 

@@ -13,7 +13,8 @@ from conftest import speechlike
 from zipper_cli.atomic import write_jsonl
 from zipper_cli.errors import Interrupted, ZipperError
 from zipper_cli.shards import Shard, write_index, write_shard
-from zipper_cli.speech_tokenizer import SpeechTokenizerConfig, fit_speech_tokenizer, log_mel
+from zipper_cli.speech_features import log_mel
+from zipper_cli.speech_tokenizer import SpeechTokenizerConfig, fit_speech_tokenizer
 from zipper_cli.vocoder import (
     UnitVocoder,
     VocoderConfig,

@@ -198,7 +198,7 @@ def greedy_decode(logits: torch.Tensor | np.ndarray) -> str:
 
 def features(wav: np.ndarray, n_mels: int = 80) -> torch.Tensor:
     """[T, n_mels] float32: log-mel at 100 Hz, mean/variance normalised per utterance and mel bin."""
-    from .speech_tokenizer import log_mel
+    from .speech_features import log_mel
 
     wav = np.asarray(wav, dtype=np.float32)
     if wav.ndim != 1:

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 import torchaudio
 
-from .speech_tokenizer import HOP, LOG_EPS, N_FFT, SAMPLE_RATE
+from .speech_features import HOP, LOG_EPS, N_FFT, SAMPLE_RATE
 
 
 @functools.lru_cache(maxsize=4)
@@ -51,7 +51,7 @@ def _one_thread():
 
 def griffin_lim(log_mel_frames: torch.Tensor | np.ndarray, n_iter: int = 48, momentum: float = 0.99,
                 seed: int = 0) -> np.ndarray:
-    """Un-normalised log-mel [T, n_mels] at 100 Hz (speech_tokenizer.log_mel's scale) -> T * 160 samples
+    """Un-normalised log-mel [T, n_mels] at 100 Hz (speech_features.log_mel's scale) -> T * 160 samples
     of 16 kHz float32 audio in [-1, 1]. Deterministic: the random initial phase comes from `seed`."""
     lm = torch.as_tensor(np.asarray(log_mel_frames, dtype=np.float32) if not torch.is_tensor(log_mel_frames)
                          else log_mel_frames.detach().float().cpu())

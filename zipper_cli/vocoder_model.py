@@ -42,7 +42,7 @@ Network (UnitVocoder), at the unit rate until the last step:
   up * n_mels, read as `up` = 100/frame_rate consecutive mel frames per unit (a transposed conv with
   kernel = stride = up: position-specific weights; 4 frames per 25 Hz unit, 2 per 50 Hz unit)
   -> `post_layers` residual postnet blocks at 100 Hz on the mel frames (conv k, GELU, conv k) that
-  smooth the unit boundaries. The output is un-normalised log-mel (speech_tokenizer.log_mel's scale).
+  smooth the unit boundaries. The output is un-normalised log-mel (speech_features.log_mel's scale).
   All the heavy layers run at the unit rate, which keeps training a few minutes on two CPU cores.
   Padded positions are zeroed before every convolution, so a padded batch gives exactly the output of
   each sequence alone.
@@ -61,7 +61,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .errors import ZipperError
-from .speech_tokenizer import HOP, SAMPLE_RATE
+from .speech_features import HOP, SAMPLE_RATE
 from .vocoder_griffin_lim import griffin_lim_many
 
 MEL_RATE = SAMPLE_RATE // HOP  # 100 Hz

@@ -31,7 +31,7 @@ from . import __version__
 from .atomic import atomic_path, write_json
 from .console import log as console_log, progress
 from .errors import Interrupted, ZipperError
-from .speech_tokenizer import log_mel
+from .speech_features import log_mel
 from .vocoder_model import FORMAT, INFERENCE_ONLY, UnitVocoder, VocoderConfig
 
 
