@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
+import random
 import shutil
 import statistics
 import subprocess
@@ -56,11 +57,13 @@ def festival_audio(out_dir: Path, seconds: float) -> list[Path]:
         return have
     if not shutil.which("festival"):
         sys.exit("bench: festival is not installed (apt-get install -y festival festvox-kallpc16k)")
-    from zipper_cli.corpora.demo_text import generate_sentences  # noqa: WPS433 (bench only)
+    from zipper_cli.corpora.demo_text import demo_sentence, speakable
 
     n = max(4, int(seconds / 2.5))
+    rng = random.Random(123)
     script = ["(voice_kal_diphone)"]
-    for i, s in enumerate(generate_sentences(n, seed=123)):
+    for i in range(n):
+        s = speakable(demo_sentence(rng))
         script.append(f'(utt.save.wave (utt.synth (Utterance Text "{s}")) "{out_dir}/b{i:05d}.wav" \'riff)')
     scm = out_dir / "bench.scm"
     scm.write_text("\n".join(script) + "\n")
