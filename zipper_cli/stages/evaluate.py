@@ -251,7 +251,7 @@ def render_markdown(report: dict) -> str:
         lines += [f"| {m} ({v['arch']}, freeze {v['freeze']}) | {v['perplexity']:.4f} | {'yes, exactly' if v['unchanged'] else 'no'} |"
                   for m, v in p.items() if isinstance(v, dict)]
         lines.append("")
-    from .compare import length_markdown
+    from .compare_report import length_markdown
 
     lines += length_markdown(report.get("wer_by_length", {}))
     return "\n".join(lines) + "\n"
