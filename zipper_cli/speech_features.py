@@ -26,6 +26,7 @@ LOG_EPS = 1e-6
 
 
 def as_tensor(wav: np.ndarray) -> torch.Tensor:
+    """1-D audio as a float32 tensor (ValueError for anything else: stereo is mixed down before this)."""
     wav = np.asarray(wav)
     if wav.ndim != 1:
         raise ValueError(f"speech tokenizer expects 1-D mono 16 kHz audio, got shape {wav.shape}")

@@ -17,6 +17,7 @@ Kinds (--speech-tokenizer):
 On disk (one directory): centroids.npy (k-means kinds) and tokenizer.json (config, checksum, versions),
 written atomically, tokenizer.json last. The checksum covers every setting that changes the units,
 the centroid bytes and the model checkpoint's sha256; units record it and check_units_match compares.
+The features each kind clusters, and the loading of SSL and EnCodec checkpoints, are in speech_features.py.
 """
 
 from __future__ import annotations
