@@ -34,6 +34,7 @@ from ..plots import plot_wer_by_length
 from ..rundir import config_defaults, config_dict, init_run_dir, open_stage, require_stage
 from ..shards import load_role
 from ..vocab import to_sequence
+from .compare_report import length_markdown
 
 JUDGES = ("ctc", "pocketsphinx")
 
@@ -251,8 +252,6 @@ def render_markdown(report: dict) -> str:
         lines += [f"| {m} ({v['arch']}, freeze {v['freeze']}) | {v['perplexity']:.4f} | {'yes, exactly' if v['unchanged'] else 'no'} |"
                   for m, v in p.items() if isinstance(v, dict)]
         lines.append("")
-    from .compare_report import length_markdown
-
     lines += length_markdown(report.get("wer_by_length", {}))
     return "\n".join(lines) + "\n"
 
