@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from conftest import make_small_manifest
+from zipper_cli.atomic import read_jsonl
 from zipper_cli.checkpoint import load_checkpoint
 from zipper_cli.errors import ZipperError
 from zipper_cli.shards import load_role
@@ -142,6 +143,11 @@ def test_zipper_and_baseline_train_and_frozen_text_tower_is_kept(pretrained, tmp
     gates = [v for k, v in json.loads((run / "stages" / "fuse-zipper-freeze-text.done.json").read_text())
              ["outputs"]["final"].items() if k.startswith("gate/")]
     assert gates and any(g != 0 for g in gates)
+    # The final losses are the last step's evaluation (read once, not recomputed), and that evaluation scored
+    # the final model.
+    last = read_jsonl(run / "fused" / "zipper-freeze-text" / "metrics.jsonl")[-1]
+    assert last["step"] == 30 and all(z["final"][k] == v for k, v in last.items() if k.startswith(("dev_", "gate/"))
+                                      and k != "dev_loss" and k != "dev_ppl")
     # Fusion is the identity at step 0, so another utterance's text gives the same TTS loss (up to float
     # rounding: other text lengths batch and pad the speech differently). How much it differs at the end
     # is a measurement (README); 30 steps on this fixture barely open the gates.
@@ -353,6 +359,13 @@ def test_aligned_subset_tag_and_resume(pretrained, tmp_path):
     wb = load_checkpoint(out / "model.pt")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     assert json.loads((out / "config.json").read_text())["aligned_utterances"] == 5
+    # Resumed after its last step (killed before model.pt): no step left to run, so the final losses are
+    # evaluated afresh, and equal those scored by the last step.
+    done = b / "stages" / "fuse-zipper-freeze-none-n5.done.json"
+    final = json.loads(done.read_text())["outputs"]["final"]
+    (out / "model.pt").unlink()
+    done.unlink()
+    assert fuse(b, cfg)["final"] == final
 
 
 def test_zipper_under_two_gloo_processes_equals_one_process(pretrained, tmp_path):

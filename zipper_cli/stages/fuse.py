@@ -318,7 +318,9 @@ def _fuse(run_dir: Path, cfg: FuseConfig, tag: str, out: Path, tok: dict, stage,
     summary = train(out, model, train_ex, dev_ex[ASR] + dev_ex[TTS], [len(e) for e in train_ex], loss_fn, cfg.train,
                     log=log if d.main else (lambda *_: None), extra_metrics=per_direction,
                     groups=[TASKS.index(e.task) for e in train_ex])
-    final = per_direction(model) | text_reliance(model)  # collective too: before the main-only part
+    # The last step already scored the per-direction losses (every process, so the choice is the same on all).
+    final = summary.pop("final_extra") or per_direction(model)
+    final |= text_reliance(model)  # collective too: before the main-only part
     if not d.main:
         return summary
     with atomic_path(out / "model.pt") as tmp:
