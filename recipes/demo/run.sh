@@ -96,7 +96,7 @@ if [ "$stage" -le 4 ] && [ "$stop_stage" -ge 4 ]; then
   # recipe: TTS vs target 53.3% -> 50.0% (CTC judge) and 55.7% -> 50.1% (pocketsphinx); 0.5 gave 52.1% / 51.6%.
   # --n-cross 2: cross-attention after layers 2 and 4 of each tower instead of after every layer (the paper
   # found 1, 2, 4 and 8 points all work). Measured on this recipe (session 19, Zen 3, the same towers):
-  # fusion 1.35x faster (80-step runs, 69 s -> 51 s), best-of-16 TTS sampling 157 s -> 129 s; TTS vs target
+  # fusion 1.35x faster (80-step runs, 69 s -> 51 s), best-of-16 TTS sampling 142 s -> 126 s; TTS vs target
   # 52.4% -> 52.9% (CTC judge) and 53.5% -> 52.8% (pocketsphinx), both n.s.; ASR 7.8% -> 9.2% (p 0.06).
   # --eval-every 200: an evaluation (the dev loss, then ASR and TTS apart) takes about 16 s on a 2-core Zen 3
   # (sessions 13-18), 5 of them 80 s of the stage; training is unchanged.
