@@ -190,8 +190,6 @@ def train(out_dir: Path, model: torch.nn.Module, train_examples: Sequence, dev_e
 
     `lengths[i]` is the padded-cost length of train_examples[i] (for the token budget); batches never
     mix examples of different `groups` (fusion keeps ASR and TTS apart to skip masked-out compute).
-    With extra_metrics, the summary's "final_extra" is their value for the final model when this call ran
-    the last step (so the caller need not evaluate again), else None (a run resumed after its last step).
     """
     cfg.validate()
     device = resolve_device(cfg)
@@ -237,7 +235,6 @@ def train(out_dir: Path, model: torch.nn.Module, train_examples: Sequence, dev_e
     if not batches:
         raise ZipperError("no training examples")
     t_start, tokens_seen = time.time(), 0
-    final_extra = None  # extra_metrics of the final model, when this call trained up to max_steps
     try:
         with progress() as bar:
             task = bar.add_task("train", total=cfg.max_steps, completed=step) if d.main else None
@@ -289,10 +286,7 @@ def train(out_dir: Path, model: torch.nn.Module, train_examples: Sequence, dev_e
                         row["dev_loss"] = round(last_dev, 6)
                         row["dev_ppl"] = round(math.exp(min(last_dev, 50)), 4)
                     if extra_metrics is not None:
-                        extra = extra_metrics(model)
-                        row.update(extra)
-                        if step == cfg.max_steps:
-                            final_extra = extra
+                        row.update(extra_metrics(model))
                     if d.main:
                         rate = tokens_seen / max(time.time() - t_start, 1e-9)
                         eta = (cfg.max_steps - step) * (time.time() - t_start) / max(1, step - (resumed[0] if resumed else 0))
@@ -315,8 +309,7 @@ def train(out_dir: Path, model: torch.nn.Module, train_examples: Sequence, dev_e
         for s, h in old_handlers.items():
             signal.signal(s, h)
     return {"steps": step, "final_loss": loss, "dev_loss": last_dev,
-            "dev_ppl": math.exp(min(last_dev, 50)) if last_dev is not None else None} | (
-        {"final_extra": final_extra} if extra_metrics is not None else {})
+            "dev_ppl": math.exp(min(last_dev, 50)) if last_dev is not None else None}
 
 
 def _count_targets(examples: Sequence, batch: list[int], loss_fn) -> int:

@@ -315,11 +315,18 @@ def _fuse(run_dir: Path, cfg: FuseConfig, tag: str, out: Path, tok: dict, stage,
             f"{len(aligned)} aligned utterances -> {sum(e.task == ASR for e in train_ex)} ASR + "
             f"{sum(e.task == TTS for e in train_ex)} TTS examples"
             + (f" + {sum(e.task == LM for e in train_ex)} speech-LM (rehearsal)" if cfg.rehearsal else ""))
+    scored: list[dict] = []  # per_direction rows as train() logs them; the last one scored the final step
+
+    def logged(m) -> dict:
+        scored.append(per_direction(m))
+        return scored[-1]
+
     summary = train(out, model, train_ex, dev_ex[ASR] + dev_ex[TTS], [len(e) for e in train_ex], loss_fn, cfg.train,
-                    log=log if d.main else (lambda *_: None), extra_metrics=per_direction,
+                    log=log if d.main else (lambda *_: None), extra_metrics=logged,
                     groups=[TASKS.index(e.task) for e in train_ex])
-    # The last step already scored the per-direction losses (every process, so the choice is the same on all).
-    final = summary.pop("final_extra") or per_direction(model)
+    # train() always evaluates its last step, so only a run resumed after it needs scoring again (on every
+    # process alike, as evaluate() is a collective).
+    final = dict(scored[-1]) if scored else per_direction(model)
     final |= text_reliance(model)  # collective too: before the main-only part
     if not d.main:
         return summary
