@@ -82,11 +82,13 @@ def test_resume_reuses_finished_shards(tmp_path, small_manifest):
     assert shard_bytes(run) == shard_bytes(tmp_path / "full")
 
 
-def test_ctc_kmeans_trains_its_encoder_on_the_aligned_role(tmp_path, small_manifest):
+def test_ctc_kmeans_trains_its_encoder_on_the_aligned_role(tmp_path, small_manifest, capsys):
     ctc = SpeechTokenizerConfig(kind="ctc-kmeans", k=16, frame_rate=50, ctc_encoder_steps=4)  # ~30 chars/s
     cfg = replace(small_cfg(f"manifest:{small_manifest}"), speech=ctc)
     run = tmp_path / "run"
     tokenize(run, cfg)
+    out = capsys.readouterr().out  # the encoder's training lines are its own, not the CTC judge's
+    assert "[ctc-encoder] model:" in out and "[ctc-encoder] trained" in out and "[ctc-judge]" not in out
     enc = run / "tokenizers" / "speech" / "encoder"
     meta = json.loads((enc / "judge.json").read_text())
     # the aligned role (one of its 10 transcripts has more characters than 50 Hz frames can hold), 50 Hz

@@ -193,8 +193,12 @@ def _ctc_encoder(out_dir: Path, cfg: TokenizeConfig, audio_rows: list[dict], key
     ccfg = CTCJudgeConfig(subsample=100 // cfg.speech.frame_rate, steps=cfg.speech.ctc_encoder_steps,
                           seed=cfg.speech.seed)
     log(f"[tokenize] training the ctc-kmeans encoder on {len(train)} aligned utterances")
+
+    def encoder_log(msg: str) -> None:  # the judge's trainer trains it: its lines must not read as the judge's
+        log(msg.replace("[ctc-judge]", "[ctc-encoder]", 1))
+
     try:
-        return train_ctc_judge(train, pairs("dev"), ccfg, out_dir, log=log)
+        return train_ctc_judge(train, pairs("dev"), ccfg, out_dir, log=encoder_log)
     except ZipperError as e:
         raise ZipperError(f"--speech-tokenizer ctc-kmeans encoder: {e}") from None
 
