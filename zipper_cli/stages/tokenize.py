@@ -183,8 +183,11 @@ def _ctc_encoder(out_dir: Path, cfg: TokenizeConfig, audio_rows: list[dict], key
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json(marker, {"key": key})
 
+    def encoder_log(msg: str) -> None:  # the judge's code trains it: its lines must not read as the judge's
+        log(msg.replace("[ctc-judge]", "[ctc-encoder]", 1))
+
     def pairs(role):
-        return read_pairs([r for r in audio_rows if r["role"] == role], f"the {role} role", log, cfg.limits)
+        return read_pairs([r for r in audio_rows if r["role"] == role], f"the {role} role", encoder_log, cfg.limits)
 
     train = pairs("aligned")
     if not train:
@@ -193,10 +196,6 @@ def _ctc_encoder(out_dir: Path, cfg: TokenizeConfig, audio_rows: list[dict], key
     ccfg = CTCJudgeConfig(subsample=100 // cfg.speech.frame_rate, steps=cfg.speech.ctc_encoder_steps,
                           seed=cfg.speech.seed)
     log(f"[tokenize] training the ctc-kmeans encoder on {len(train)} aligned utterances")
-
-    def encoder_log(msg: str) -> None:  # the judge's trainer trains it: its lines must not read as the judge's
-        log(msg.replace("[ctc-judge]", "[ctc-encoder]", 1))
-
     try:
         return train_ctc_judge(train, pairs("dev"), ccfg, out_dir, log=encoder_log)
     except ZipperError as e:
