@@ -32,8 +32,8 @@ information gets under about 1.6x. Averaged over 20 ms (50 Hz) the true log-mel 
 (1.06x / 1.08x): the 1.3x target needs units at 50 Hz or faster. At 50 Hz (sessions 16-17, 400 demo
 utterances, README "Measured so far") the CTC judge reads the vocoder at 1.30-1.47x whatever changed: width,
 steps, context, K=2048 units, dropout 0.1 on the residual branches; pocketsphinx at 1.22-1.31x.
-Neither choosing real training frames by nearest neighbour to the prediction (1.43-1.52x) nor
-averaging two vocoders' outputs (1.31x) does better (session 18).
+Nearest-neighbour real frames (1.43-1.52x), two vocoders averaged (1.31x; session 18) and a phonetic loss
+through the ctc-kmeans encoder's character posteriors (1.35x; session 20) do no better.
 
 Network (UnitVocoder), at the unit rate until the last step:
   unit embedding [K, C] (+ the speaker's embedding [S, C], when conditioned) -> `layers` pre-norm
