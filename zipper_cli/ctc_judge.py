@@ -45,9 +45,10 @@ JUDGE_SUBDIR = Path("judges") / "ctc"
 # ---------------------------------------------------------------------------------------------- run directories
 
 
-def read_pairs(rows, where, log, limits=None) -> list[tuple[np.ndarray, str]]:
+def read_pairs(rows, where, log, limits=None, name: str = "ctc-judge") -> list[tuple[np.ndarray, str]]:
     """(16 kHz wav, normalised transcript) of manifest rows with a transcript and readable audio (within
-    `limits`, default AudioLimits()); the others are skipped, and counted in one log line naming `where`."""
+    `limits`, default AudioLimits()); the others are skipped, and counted in one log line naming `where`
+    (log lines prefixed [name])."""
     from .audio import AudioLimits, AudioReject, read_audio
 
     pairs, bad = [], 0
@@ -60,11 +61,11 @@ def read_pairs(rows, where, log, limits=None) -> list[tuple[np.ndarray, str]]:
         except AudioReject as e:
             bad += 1
             if bad <= 3:
-                log(f"[ctc-judge] skipping {r.get('id')}: {e.detail}")
+                log(f"[{name}] skipping {r.get('id')}: {e.detail}")
             continue
         pairs.append((wav, text))
     if bad:
-        log(f"[ctc-judge] {where}: {bad} utterances with unreadable audio skipped")
+        log(f"[{name}] {where}: {bad} utterances with unreadable audio skipped")
     return pairs
 
 

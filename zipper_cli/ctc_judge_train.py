@@ -141,7 +141,8 @@ class _Stop:
         self.signum = signum
 
 
-def _prepare(pairs, cfg: CTCJudgeConfig, what: str, log) -> tuple[list[torch.Tensor], list[list[int]], list[str], int]:
+def _prepare(pairs, cfg: CTCJudgeConfig, what: str, log,
+             name: str) -> tuple[list[torch.Tensor], list[list[int]], list[str], int]:
     """Features and label ids of usable pairs; drops empty texts, silent or too-short audio."""
     feats, labels, texts, dropped = [], [], [], 0
     with progress() as bar:
@@ -159,14 +160,16 @@ def _prepare(pairs, cfg: CTCJudgeConfig, what: str, log) -> tuple[list[torch.Ten
                 texts.append(ids_to_text(ids))
             bar.advance(task)
     if dropped:
-        log(f"[ctc-judge] {what}: skipped {dropped} of {len(pairs)} utterances (empty transcript, no audio, "
+        log(f"[{name}] {what}: skipped {dropped} of {len(pairs)} utterances (empty transcript, no audio, "
             f"or more characters than {100 // cfg.subsample} Hz CTC frames can hold)")
     return feats, labels, texts, dropped
 
 
 def train_ctc_judge(pairs: Sequence[tuple[np.ndarray, str]], dev_pairs: Sequence[tuple[np.ndarray, str]],
-                    cfg: CTCJudgeConfig, out_dir: str | Path, log: Callable[[str], None] = console_log) -> CTCJudge:
+                    cfg: CTCJudgeConfig, out_dir: str | Path, log: Callable[[str], None] = console_log,
+                    name: str = "ctc-judge") -> CTCJudge:
     """Train a CTC judge on (16 kHz wav, transcript) pairs, checkpointing under out_dir; returns it.
+    `name` prefixes its log lines (the ctc-kmeans tokenizer trains its encoder here as "ctc-encoder").
 
     Rerunning with the same pairs and config resumes from the last checkpoint (a finished judge is just
     loaded); other data or another config over unfinished checkpoints is refused. SIGINT/SIGTERM save a
@@ -182,7 +185,7 @@ def train_ctc_judge(pairs: Sequence[tuple[np.ndarray, str]], dev_pairs: Sequence
             diffs = diff_keys(judge.cfg.to_dict(), cfg.to_dict())
             raise ZipperError(f"{out_dir} already holds a CTC judge trained with another config "
                               f"({'; '.join(diffs)}); delete {out_dir} to retrain it")
-        log(f"[ctc-judge] already trained in {out_dir} ({judge.version}); loading it")
+        log(f"[{name}] already trained in {out_dir} ({judge.version}); loading it")
         return judge
     t_start = time.time()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -201,15 +204,15 @@ def train_ctc_judge(pairs: Sequence[tuple[np.ndarray, str]], dev_pairs: Sequence
     write_json(saved_path, run_cfg)
 
     t_feat = time.time()
-    train_feats, train_labels, _, _ = _prepare(pairs, cfg, "train", log)
-    dev_feats, _, dev_texts, _ = _prepare(dev_pairs, cfg, "dev", log) if dev_pairs else ([], [], [], 0)
+    train_feats, train_labels, _, _ = _prepare(pairs, cfg, "train", log, name)
+    dev_feats, _, dev_texts, _ = _prepare(dev_pairs, cfg, "dev", log, name) if dev_pairs else ([], [], [], 0)
     if not train_feats:
         raise ZipperError("CTC judge: no usable training utterances (every transcript was empty or every "
                           "audio too short)")
     feat_seconds = time.time() - t_feat
     lengths = [f.shape[0] for f in train_feats]
     hours = sum(lengths) / 100 / 3600
-    log(f"[ctc-judge] {len(train_feats)} training utterances ({hours:.2f} h), {len(dev_feats)} dev; "
+    log(f"[{name}] {len(train_feats)} training utterances ({hours:.2f} h), {len(dev_feats)} dev; "
         f"features in {feat_seconds:.1f} s")
 
     with torch.random.fork_rng(devices=[]):  # the caller's RNG state is left alone
@@ -226,9 +229,9 @@ def train_ctc_judge(pairs: Sequence[tuple[np.ndarray, str]], dev_pairs: Sequence
         epoch, batch_pos = restore_training(state, model, opt, step, f"{ckpt_dir / ckpt_name(step)}.pt",
                                             "this CTC judge model", f"delete {out_dir} to start over")
         trained_seconds = float(state.get("train_seconds", 0.0))
-        log(f"[ctc-judge] resuming from {ckpt_dir} at step {step}/{cfg.steps}")
+        log(f"[{name}] resuming from {ckpt_dir} at step {step}/{cfg.steps}")
     _truncate_metrics(metrics_path, step)  # rows past the checkpoint (or of a run that never saved one)
-    log(f"[ctc-judge] model: {cfg.layers} conv blocks x {cfg.dim}, {param_count(model) / 1e6:.2f}M parameters, "
+    log(f"[{name}] model: {cfg.layers} conv blocks x {cfg.dim}, {param_count(model) / 1e6:.2f}M parameters, "
         f"{cfg.steps} steps, lr {cfg.lr:g}, threads {torch.get_num_threads()}")
 
     def evaluate() -> dict | None:
@@ -264,7 +267,7 @@ def train_ctc_judge(pairs: Sequence[tuple[np.ndarray, str]], dev_pairs: Sequence
     model.train()
     try:
         with progress() as bar:
-            task = bar.add_task("ctc judge", total=cfg.steps, completed=step)
+            task = bar.add_task(name, total=cfg.steps, completed=step)
             while step < cfg.steps:
                 if batch_pos >= len(batches):
                     epoch, batch_pos = epoch + 1, 0
@@ -305,10 +308,10 @@ def train_ctc_judge(pairs: Sequence[tuple[np.ndarray, str]], dev_pairs: Sequence
                     rate = frames_seen / 100 / max(elapsed, 1e-9)
                     eta = (cfg.steps - step) * elapsed / max(1, step - start_step)
                     dev_txt = f" dev CER {last_dev['cer']:.3f} WER {last_dev['wer']:.3f}" if last_dev else ""
-                    log(f"[ctc-judge] step {step}/{cfg.steps} epoch {epoch} loss {loss_val:.3f}{dev_txt} "
+                    log(f"[{name}] step {step}/{cfg.steps} epoch {epoch} loss {loss_val:.3f}{dev_txt} "
                         f"lr {row['lr']:.2e} {rate:.0f}x real time, eta {eta:.0f}s")
                 append_jsonl(metrics_path, row)  # a cut line is dropped on resume (_truncate_metrics)
-                bar.update(task, completed=step, description=f"ctc judge loss {loss_val:.3f}")
+                bar.update(task, completed=step, description=f"{name} loss {loss_val:.3f}")
                 if step % cfg.ckpt_every == 0 or step == cfg.steps or stop.signum is not None:
                     save()
                 if stop.signum is not None and step < cfg.steps:
@@ -339,6 +342,6 @@ def train_ctc_judge(pairs: Sequence[tuple[np.ndarray, str]], dev_pairs: Sequence
     shutil.rmtree(ckpt_dir, ignore_errors=True)  # optimizer state is only needed to resume; model.pt stays
     judge.meta = meta
     dev_txt = f"dev WER {last_dev['wer']:.3f} CER {last_dev['cer']:.3f}, " if last_dev else ""
-    log(f"[ctc-judge] trained {judge.version}: {dev_txt}{train_seconds:.0f} s of training")
+    log(f"[{name}] trained {judge.version}: {dev_txt}{train_seconds:.0f} s of training")
     return judge
 

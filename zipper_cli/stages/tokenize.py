@@ -183,11 +183,9 @@ def _ctc_encoder(out_dir: Path, cfg: TokenizeConfig, audio_rows: list[dict], key
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json(marker, {"key": key})
 
-    def encoder_log(msg: str) -> None:  # the judge's code trains it: its lines must not read as the judge's
-        log(msg.replace("[ctc-judge]", "[ctc-encoder]", 1))
-
-    def pairs(role):
-        return read_pairs([r for r in audio_rows if r["role"] == role], f"the {role} role", encoder_log, cfg.limits)
+    def pairs(role):  # the judge's code reads and trains the encoder; its log lines name the encoder
+        return read_pairs([r for r in audio_rows if r["role"] == role], f"the {role} role", log, cfg.limits,
+                          name="ctc-encoder")
 
     train = pairs("aligned")
     if not train:
@@ -197,7 +195,7 @@ def _ctc_encoder(out_dir: Path, cfg: TokenizeConfig, audio_rows: list[dict], key
                           seed=cfg.speech.seed)
     log(f"[tokenize] training the ctc-kmeans encoder on {len(train)} aligned utterances")
     try:
-        return train_ctc_judge(train, pairs("dev"), ccfg, out_dir, log=encoder_log)
+        return train_ctc_judge(train, pairs("dev"), ccfg, out_dir, log=log, name="ctc-encoder")
     except ZipperError as e:
         raise ZipperError(f"--speech-tokenizer ctc-kmeans encoder: {e}") from None
 
